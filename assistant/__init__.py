@@ -1,0 +1,1 @@
+"""Serving side of tuneloop: base model + LoRA adapter, chat template, streaming, adapter store."""

@@ -1,0 +1,157 @@
+"""Job configs: one dataclass per job, defaults < config file < environment < ``--field value``.
+
+Each job's dataclass lives next to the job; this module holds the serving config and the loader
+they all share. The config file is ``$TUNELOOP_HOME/config.toml`` with one table per job
+(``[serve]``, ``[train]``, ...). Environment variables are ``TUNELOOP_<JOB>_<FIELD>``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from assistant import paths
+
+T = TypeVar("T")
+
+DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful, concise customer-support assistant. Answer in one to three sentences. "
+    "If a question is outside what you can help with, say so politely and suggest contacting staff."
+)
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or of the wrong type; the message says what to change."""
+
+
+@dataclass
+class ServeConfig:
+    base_model: str = DEFAULT_BASE_MODEL
+    """Base model: the default SmolLM2 id (prepared from the bundled GGUF), any HF id, or a local folder."""
+    quantization: str = "nf4"
+    """Weight quantization of the served base: "nf4" (bitsandbytes 4-bit) or "none"."""
+    device: str = "auto"
+    """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    """The domain persona, sent as the system message of every chat and training example."""
+    max_new_tokens: int = 96
+    """Longest answer, in tokens."""
+    temperature: float = 0.0
+    """0 means greedy decoding (reproducible answers, the same as evaluation)."""
+    top_p: float = 0.9
+    """Nucleus sampling cut-off, used only when temperature > 0."""
+    repetition_penalty: float = 1.1
+    """Penalty for repeating tokens; small models loop without it."""
+    max_input_chars: int = 2000
+    """Longest customer message accepted; longer ones get a clear refusal."""
+    max_history_turns: int = 3
+    """Earlier turns of the conversation included in the prompt."""
+    concurrency: int = 4
+    """Chats generated at once by the Gradio queue."""
+    host: str = "127.0.0.1"
+    """Address the server binds; 127.0.0.1 keeps it off the network."""
+    port: int = 7860
+    """Port the server listens on."""
+
+    def __post_init__(self) -> None:
+        check(self.quantization in ("nf4", "none"), f"quantization must be 'nf4' or 'none', not {self.quantization!r}")
+        check(self.device in ("auto", "cpu", "cuda"), f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
+        check(1 <= self.max_new_tokens <= 4096, "max_new_tokens must be between 1 and 4096")
+        check(0.0 <= self.temperature <= 2.0, "temperature must be between 0 and 2")
+        check(0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]")
+        check(1.0 <= self.repetition_penalty <= 2.0, "repetition_penalty must be between 1.0 and 2.0")
+        check(1 <= self.max_input_chars <= 100_000, "max_input_chars must be between 1 and 100000")
+        check(0 <= self.max_history_turns <= 50, "max_history_turns must be between 0 and 50")
+        check(1 <= self.concurrency <= 64, "concurrency must be between 1 and 64")
+        check(0 < self.port < 65536, "port must be between 1 and 65535")
+        check(bool(self.system_prompt.strip()), "system_prompt must not be empty")
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def load(cls: type[T], section: str, overrides: dict[str, Any] | None = None, file: Path | None = None) -> T:
+    """Build ``cls`` from defaults, the ``[section]`` table of the config file, env and overrides.
+
+    ``overrides`` holds CLI values; ``None`` values mean "not given" and are skipped.
+    """
+    values: dict[str, Any] = {}
+    file = file or paths.config_file()
+    if file.exists():
+        try:
+            table = tomllib.loads(file.read_text(encoding="utf-8")).get(section, {})
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file}: not valid TOML ({exc}); fix or delete the file") from exc
+        values.update(_known(cls, table, f"{file} [{section}]"))
+    for field in dataclasses.fields(cls):
+        env = os.environ.get(f"TUNELOOP_{section}_{field.name}".upper())
+        if env is not None:
+            values[field.name] = env
+    values.update(_known(cls, {k: v for k, v in (overrides or {}).items() if v is not None}, "overrides"))
+    hints = typing.get_type_hints(cls)
+    coerced = {name: coerce(value, hints[name], name) for name, value in values.items()}
+    return cls(**coerced)
+
+
+def _known(cls: type, table: dict[str, Any], where: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return dict(table)
+
+
+def coerce(value: Any, hint: Any, name: str) -> Any:
+    """Turn a string from the environment or command line into the field's type."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            return None
+        hint = args[0]
+    if isinstance(value, str) and hint is not str:
+        text = value.strip()
+        try:
+            if hint is bool:
+                if text.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if text.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(text)
+            if hint is int:
+                return int(text)
+            if hint is float:
+                return float(text)
+        except ValueError:
+            raise ConfigError(f"{name}: {value!r} is not a valid {hint.__name__}") from None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, bool, str) and not isinstance(value, hint):
+        raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstring under each field, for ``--help`` texts."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(following, ast.Expr) and isinstance(getattr(following, "value", None), ast.Constant):
+                docs[node.target.id] = str(following.value.value)
+    return docs
+
+
+def as_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,107 @@
+"""Where tuneloop keeps runtime data, and the environment that keeps libraries offline and quiet.
+
+Everything written at run time lives under one folder, ``$TUNELOOP_HOME`` (default
+``$XDG_DATA_HOME/tuneloop``, i.e. ``~/.local/share/tuneloop``), like ``LLM_USER_PATH`` in llm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def home() -> Path:
+    """The runtime home, created on first use."""
+    explicit = os.environ.get("TUNELOOP_HOME")
+    if explicit:
+        root = Path(explicit).expanduser()
+    else:
+        xdg = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+        root = Path(xdg) / "tuneloop"
+    root.mkdir(parents=True, exist_ok=True)
+    return root.resolve()
+
+
+def config_file() -> Path:
+    return home() / "config.toml"
+
+
+def models_dir() -> Path:
+    return _sub("models")
+
+
+def adapters_dir() -> Path:
+    return _sub("adapters")
+
+
+def datasets_dir() -> Path:
+    return _sub("datasets")
+
+
+def reports_dir() -> Path:
+    return _sub("reports")
+
+
+def runs_dir() -> Path:
+    return _sub("runs")
+
+
+def feedback_db() -> Path:
+    return home() / "feedback.db"
+
+
+def _sub(name: str) -> Path:
+    path = home() / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def configure_environment() -> None:
+    """Point every library cache into the home and keep them off the network.
+
+    Called before transformers, huggingface_hub or gradio are imported. ``TUNELOOP_OFFLINE=0`` lets
+    a user fetch a hub model id once; everything else stays as set here.
+    """
+    root = home()
+    os.environ.setdefault("HF_HOME", str(root / "hf"))
+    os.environ.setdefault("MPLCONFIGDIR", str(root / "matplotlib"))
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(root / "gradio-tmp"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    if os.environ.get("TUNELOOP_OFFLINE", "1") != "0":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def write_json_atomic(path: Path, payload: object) -> None:
+    """Write JSON so readers see the old file or the new one, never half of either."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
