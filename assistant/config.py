@@ -155,3 +155,21 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def as_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def add_arguments(parser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add ``--field value`` options for every field of ``cls`` (help from the field docstrings)."""
+    docs = field_docs(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(flag, dest=field.name, default=None, metavar="VALUE", help=f"{docs.get(field.name, '')} (default: {field.default!r})")
+
+
+def from_args(cls: type[T], section: str, args, extra: dict[str, Any] | None = None) -> T:
+    """The job config from defaults, config file, environment and the parsed ``--field`` options."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
+    return load(cls, section, overrides)

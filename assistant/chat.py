@@ -1,0 +1,327 @@
+"""Chat: the prompt (chat template + system persona + recent turns), streaming generation, and the
+adapter hot swap.
+
+Two backends implement :class:`Backend`: :class:`TransformersBackend` (the real model) and
+:class:`ScriptedBackend` (canned answers, for fast tests of everything around the model).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from assistant import adapters
+from assistant.config import ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+class ChatError(ValueError):
+    """The customer's input cannot be answered as given; the message is shown to them."""
+
+
+@dataclass
+class AnswerStats:
+    """What the turn log records about one answer."""
+
+    adapter: str | None
+    latency_s: float = 0.0
+    first_token_s: float | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+
+@dataclass
+class Stream:
+    """An answer being generated: iterate for text pieces; ``stats`` is final once exhausted."""
+
+    pieces: Iterator[str]
+    stats: AnswerStats
+    text: str = ""
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in self.pieces:
+            self.text += piece
+            yield piece
+
+
+class Backend(Protocol):
+    """Turns chat messages into a streamed answer, on the adapter the pointer names."""
+
+    def stream(self, messages: list[dict], stats: AnswerStats) -> Iterator[str]:
+        """Yield answer pieces; fill ``stats`` (adapter, tokens) as generation goes."""
+        ...
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        """Prompt length in tokens, chat template included."""
+        ...
+
+    @property
+    def context_window(self) -> int:
+        """Most tokens the model attends to."""
+        ...
+
+
+def build_messages(system_prompt: str, history: list[tuple[str, str]], question: str) -> list[dict]:
+    """The chat-template input: system persona, earlier (question, answer) turns, the question.
+
+    Training uses the same function, so the model is trained on exactly what it is served.
+    """
+    messages = [{"role": "system", "content": system_prompt}]
+    for asked, answered in history:
+        messages.append({"role": "user", "content": asked})
+        messages.append({"role": "assistant", "content": answered})
+    messages.append({"role": "user", "content": question})
+    return messages
+
+
+class ChatService:
+    """Validates a question, fits the conversation into the context window and streams the answer."""
+
+    def __init__(self, cfg: ServeConfig, backend: Backend):
+        self.cfg = cfg
+        self.backend = backend
+
+    def answer(self, question: str, history: list[tuple[str, str]] | None = None) -> Stream:
+        question = (question or "").strip()
+        if not question:
+            raise ChatError("Please type a question.")
+        if len(question) > self.cfg.max_input_chars:
+            raise ChatError(
+                f"Your message is {len(question)} characters long; the limit is {self.cfg.max_input_chars}. "
+                "Please shorten it."
+            )
+        history = list(history or [])[-self.cfg.max_history_turns :] if self.cfg.max_history_turns else []
+        budget = self.backend.context_window - self.cfg.max_new_tokens
+        messages = build_messages(self.cfg.system_prompt, history, question)
+        # Drop the oldest turns until the prompt fits; the question itself must fit on its own.
+        while self.backend.count_tokens(messages) > budget:
+            if not history:
+                raise ChatError("Your message is too long for the model's context. Please shorten it.")
+            history = history[1:]
+            messages = build_messages(self.cfg.system_prompt, history, question)
+        stats = AnswerStats(adapter=None)
+        return Stream(self._timed(messages, stats), stats)
+
+    def _timed(self, messages: list[dict], stats: AnswerStats) -> Iterator[str]:
+        started = time.perf_counter()
+        try:
+            for piece in self.backend.stream(messages, stats):
+                if stats.first_token_s is None:
+                    stats.first_token_s = time.perf_counter() - started
+                yield piece
+        finally:
+            stats.latency_s = time.perf_counter() - started
+
+
+class _SwapGate:
+    """Readers are answers in flight; the writer is an adapter swap.
+
+    A swap waits for answers in flight to finish (they end on the adapter they started with) and
+    new answers wait for the swap.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+
+    @contextmanager
+    def reading(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writing)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def writing(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writing)
+            self._writing = True
+            self._cond.wait_for(lambda: self._readers == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
+class _PointerWatch:
+    """Notices a changed ``current.json`` with one ``stat`` per request."""
+
+    def __init__(self) -> None:
+        self._seen: tuple | None = None
+
+    def changed(self) -> bool:
+        try:
+            stat = adapters.pointer_file().stat()
+            key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except FileNotFoundError:
+            key = None
+        if key == self._seen:
+            return False
+        self._seen = key
+        return True
+
+
+class TransformersBackend:
+    """The real model: 4-bit (or full-precision) base plus the current LoRA adapter, streamed."""
+
+    def __init__(self, cfg: ServeConfig):
+        from assistant import model as base_model
+
+        self.cfg = cfg
+        self.base = base_model.prepare(cfg.base_model)
+        self.tokenizer, self.model = base_model.load_base(self.base, cfg.quantization, cfg.device)
+        self.peft = None
+        self.active: str | None = None
+        self.last_error: str | None = None
+        self._gate = _SwapGate()
+        self._watch = _PointerWatch()
+        self._swap_lock = threading.Lock()
+        self.sync_adapter()
+
+    @property
+    def context_window(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        return len(self._encode(messages)["input_ids"][0])
+
+    def _encode(self, messages: list[dict]):
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+
+    def sync_adapter(self) -> None:
+        """Serve the adapter the pointer names, if it changed; a refused adapter leaves the
+        previous one serving and is reported in ``last_error``."""
+        with self._swap_lock:
+            if not self._watch.changed():
+                return
+            wanted = adapters.current_version()
+            if wanted == self.active:
+                return
+            with self._gate.writing():
+                try:
+                    self._activate(wanted)
+                    self.last_error = None
+                except adapters.AdapterError as exc:
+                    self.last_error = str(exc)
+                    log.error("%s; still serving %s", exc, self.active or "the base model")
+
+    def _activate(self, version: str | None) -> None:
+        if version is None:
+            if self.peft is not None:
+                self.peft.base_model.disable_adapter_layers()
+            self.active = None
+            return
+        folder = adapters.adapter_path(version)
+        adapters.validate(folder, self.base.model_id, self.base.sha256)
+        from peft import PeftModel
+
+        try:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=version, is_trainable=False)
+            elif version not in self.peft.peft_config:
+                self.peft.load_adapter(str(folder), adapter_name=version, is_trainable=False)
+        except Exception as exc:  # shape mismatches and bad configs surface as several error types
+            if self.peft is not None and version in self.peft.peft_config:
+                self.peft.delete_adapter(version)
+            raise adapters.AdapterError(f"adapter {version} refused: it does not fit the base model ({exc})") from exc
+        self.peft.base_model.enable_adapter_layers()
+        self.peft.set_adapter(version)
+        # Keep only the adapter in service in memory; old ones would pile up over many nights.
+        for name in list(self.peft.peft_config):
+            if name != version:
+                self.peft.delete_adapter(name)
+        self.peft.eval()
+        self.active = version
+
+    def stream(self, messages: list[dict], stats: AnswerStats) -> Iterator[str]:
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        self.sync_adapter()
+        with self._gate.reading():
+            stats.adapter = self.active
+            inputs = self._encode(messages).to(self.model.device)
+            prompt_len = inputs["input_ids"].shape[1]
+            stats.tokens_in = prompt_len
+            cancelled = threading.Event()
+
+            class _Progress(StoppingCriteria):
+                def __call__(self, input_ids, scores, **kwargs):
+                    stats.tokens_out = input_ids.shape[1] - prompt_len
+                    return cancelled.is_set()
+
+            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+            sampling = self.cfg.temperature > 0
+            kwargs = dict(
+                **inputs,
+                streamer=streamer,
+                max_new_tokens=self.cfg.max_new_tokens,
+                do_sample=sampling,
+                repetition_penalty=self.cfg.repetition_penalty,
+                stopping_criteria=StoppingCriteriaList([_Progress()]),
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            if sampling:
+                kwargs.update(temperature=self.cfg.temperature, top_p=self.cfg.top_p)
+            else:
+                kwargs.update(temperature=None, top_p=None, top_k=None)
+            model = self.peft if self.active is not None else self.model
+            failure: list[BaseException] = []
+
+            def run() -> None:
+                try:
+                    model.generate(**kwargs)
+                except BaseException as exc:  # reported to the caller below, not lost in the thread
+                    failure.append(exc)
+                    streamer.end()
+
+            worker = threading.Thread(target=run, name="generate", daemon=True)
+            worker.start()
+            try:
+                yield from streamer
+            finally:
+                # A customer who leaves mid-answer stops generation; the swap gate is released
+                # only after the worker is done with the weights.
+                cancelled.set()
+                worker.join()
+            if failure:
+                raise failure[0]
+
+
+@dataclass
+class ScriptedBackend:
+    """A fake model for fast tests: answers from a function, word by word, on the pointer's adapter."""
+
+    reply: Callable[[str], str] = lambda question: f"You asked: {question}"
+    delay_s: float = 0.0
+    context_window: int = 4096
+    calls: list[list[dict]] = field(default_factory=list)
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        return sum(len(m["content"].split()) + 4 for m in messages)
+
+    def stream(self, messages: list[dict], stats: AnswerStats) -> Iterator[str]:
+        self.calls.append(messages)
+        stats.adapter = adapters.current_version()
+        stats.tokens_in = self.count_tokens(messages)
+        words = self.reply(messages[-1]["content"]).split(" ")
+        for index, word in enumerate(words):
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            stats.tokens_out += 1
+            yield word if index == 0 else " " + word

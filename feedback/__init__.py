@@ -1,0 +1,1 @@
+"""Feedback side of tuneloop: SQLite log of turns, votes and corrections; curation into datasets."""

@@ -1,0 +1,93 @@
+"""Numbered, named migrations of the feedback database (sqlite-utils ``Migrations``).
+
+Never edit an applied migration: add the next number. ``tests/test_schema.py`` pins the result.
+"""
+
+from __future__ import annotations
+
+import sqlite_utils
+from sqlite_utils import Migrations
+
+migrations = Migrations("tuneloop")
+
+
+@migrations(name="0001_capture")
+def m0001_capture(db: sqlite_utils.Database) -> None:
+    db["sessions"].create(
+        {"id": str, "kind": str, "created_at": str},
+        pk="id",
+        not_null={"kind", "created_at"},
+    )
+    db["turns"].create(
+        {
+            "id": int,
+            "session_id": str,
+            "question": str,
+            "answer": str,
+            "history": str,
+            "adapter": str,
+            "base_model": str,
+            "status": str,
+            "error": str,
+            "latency_s": float,
+            "first_token_s": float,
+            "tokens_in": int,
+            "tokens_out": int,
+            "created_at": str,
+            "finished_at": str,
+        },
+        pk="id",
+        foreign_keys=[("session_id", "sessions", "id")],
+        not_null={"session_id", "question", "status", "created_at"},
+    )
+    db["turns"].create_index(["session_id"])
+    db["turns"].create_index(["created_at"])
+    db["votes"].create(
+        {
+            "id": int,
+            "turn_id": int,
+            "session_id": str,
+            "value": int,
+            "reason": str,
+            "flagged": int,
+            "created_at": str,
+        },
+        pk="id",
+        foreign_keys=[("turn_id", "turns", "id"), ("session_id", "sessions", "id")],
+        not_null={"turn_id", "session_id", "value", "created_at"},
+        defaults={"flagged": 0},
+    )
+    db["votes"].create_index(["turn_id", "session_id"])
+    db["staff_users"].create(
+        {"name": str, "password_hash": str, "created_at": str, "disabled": int},
+        pk="name",
+        not_null={"password_hash", "created_at"},
+        defaults={"disabled": 0},
+    )
+    db["corrections"].create(
+        {
+            "id": int,
+            "turn_id": int,
+            "kind": str,
+            "question": str,
+            "answer": str,
+            "label": str,
+            "staff_user": str,
+            "created_at": str,
+        },
+        pk="id",
+        foreign_keys=[("turn_id", "turns", "id"), ("staff_user", "staff_users", "name")],
+        not_null={"kind", "question", "answer", "staff_user", "created_at"},
+    )
+    db["corrections"].create_index(["turn_id"])
+    db["signin_attempts"].create(
+        {"id": int, "name": str, "ok": int, "created_at": str},
+        pk="id",
+        not_null={"name", "ok", "created_at"},
+    )
+    db["signin_attempts"].create_index(["name", "created_at"])
+
+
+def apply(db: sqlite_utils.Database) -> None:
+    """Bring ``db`` to the latest schema; applying twice changes nothing."""
+    migrations.apply(db)
