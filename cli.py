@@ -14,6 +14,7 @@ import sys
 from assistant import paths
 from assistant.config import ConfigError, ServeConfig, add_arguments, as_dict, from_args
 
+# Modules with ``add_commands(subparsers)`` (and optionally ``status_fields() -> dict``).
 COMMAND_MODULES: list[str] = []
 
 
@@ -73,7 +74,9 @@ def status_payload(cfg: ServeConfig) -> dict:
     """What ``tuneloop status --json`` prints; packages add their own keys."""
     from assistant import adapters
 
-    return {
+    import importlib
+
+    payload = {
         "home": str(paths.home()),
         "base_model": cfg.base_model,
         "quantization": cfg.quantization,
@@ -81,6 +84,12 @@ def status_payload(cfg: ServeConfig) -> dict:
         "current_adapter": adapters.current_version(),
         "adapters": len(adapters.list_versions()),
     }
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(name)
+        # A command module may contribute keys to the status (e.g. feedback counts, examples).
+        if hasattr(module, "status_fields"):
+            payload.update(module.status_fields())
+    return payload
 
 
 def cmd_status(args) -> int:
