@@ -1,0 +1,251 @@
+"""Foundation: config precedence, base model preparation, adapter store and hot swap, chat limits."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from assistant import adapters, paths
+from assistant.chat import ChatError, ChatService, ScriptedBackend, TransformersBackend
+from assistant.config import ConfigError, ServeConfig, load
+
+
+def make_adapter(base_dir: Path, seed: int, base_sha: str | None = None, version: str | None = None) -> str:
+    """Save a random (non-zero) LoRA adapter for the tiny model as the trainer would."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from assistant.model import prepare
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    config = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            param.data.normal_(0, 1.0)
+    version = version or adapters.new_version() + f"-{seed}"
+    folder = adapters.adapter_path(version)
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    info = prepare(str(base_dir))
+    paths.write_json_atomic(
+        folder / adapters.PROVENANCE_FILE,
+        {"base_model": info.model_id, "base_model_sha256": base_sha or info.sha256, "method": "lora"},
+    )
+    return version
+
+
+@pytest.fixture
+def tiny_cfg(tiny_model_dir) -> ServeConfig:
+    return ServeConfig(base_model=str(tiny_model_dir), quantization="nf4", device="cpu", max_new_tokens=8)
+
+
+@pytest.fixture
+def tiny_backend(tiny_cfg) -> TransformersBackend:
+    return TransformersBackend(tiny_cfg)
+
+
+def answer(service: ChatService, question: str = "hello"):
+    stream = service.answer(question)
+    text = "".join(stream)
+    return text, stream.stats
+
+
+def test_home_is_the_env_folder(tuneloop_home):
+    assert paths.home() == tuneloop_home.resolve()
+    assert paths.adapters_dir().parent == tuneloop_home.resolve()
+
+
+def test_config_precedence_defaults_file_env_overrides(tuneloop_home, monkeypatch):
+    assert load(ServeConfig, "serve").port == 7860
+    paths.config_file().write_text('[serve]\nport = 8000\nmax_new_tokens = 50\n')
+    assert load(ServeConfig, "serve").port == 8000
+    monkeypatch.setenv("TUNELOOP_SERVE_PORT", "8100")
+    cfg = load(ServeConfig, "serve")
+    assert (cfg.port, cfg.max_new_tokens) == (8100, 50)
+    assert load(ServeConfig, "serve", {"port": "8200", "host": None}).port == 8200
+
+
+def test_config_errors_say_what_to_change(tuneloop_home):
+    with pytest.raises(ConfigError, match="quantization must be"):
+        load(ServeConfig, "serve", {"quantization": "int3"})
+    with pytest.raises(ConfigError, match="not a valid int"):
+        load(ServeConfig, "serve", {"port": "eighty"})
+    paths.config_file().write_text("[serve]\nprot = 1\n")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load(ServeConfig, "serve")
+    paths.config_file().write_text("[serve\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(ServeConfig, "serve")
+
+
+def test_environment_is_offline_and_inside_home(tuneloop_home, monkeypatch):
+    for key in ("HF_HOME", "HF_HUB_OFFLINE", "GRADIO_ANALYTICS_ENABLED", "MPLCONFIGDIR"):
+        monkeypatch.delenv(key, raising=False)
+    paths.configure_environment()
+    import os
+
+    assert os.environ["HF_HOME"].startswith(str(tuneloop_home.resolve()))
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+
+
+def test_adapter_version_names_cannot_escape_the_store():
+    for bad in ("../etc", "a/b", "", ".hidden", "x" * 80):
+        with pytest.raises(adapters.AdapterError):
+            adapters.adapter_path(bad)
+
+
+def test_pointer_flips_atomically_and_rolls_back(tiny_model_dir):
+    first, second = make_adapter(tiny_model_dir, 1), make_adapter(tiny_model_dir, 2)
+    assert adapters.current_version() is None
+    adapters.set_current(first, "test")
+    adapters.set_current(second, "test")
+    assert adapters.current_version() == second
+    assert adapters.rollback()["version"] == first
+    assert adapters.rollback()["version"] is None
+    with pytest.raises(adapters.AdapterError, match="nothing to roll back"):
+        adapters.rollback()
+    with pytest.raises(adapters.AdapterError, match="does not exist"):
+        adapters.set_current("v-missing", "test")
+    assert not list(paths.adapters_dir().glob(".current.json.*"))
+
+
+def test_base_model_answers_then_hot_swaps_without_restart(tiny_backend, tiny_model_dir, tiny_cfg):
+    service = ChatService(tiny_cfg, tiny_backend)
+    base_text, stats = answer(service)
+    assert stats.adapter is None and stats.tokens_in > 0 and stats.tokens_out > 0
+    version = make_adapter(tiny_model_dir, 3)
+    adapters.set_current(version, "test")
+    text, stats = answer(service)
+    assert stats.adapter == version
+    assert text != base_text, "a random adapter must change greedy output"
+    adapters.set_current(None, "test")
+    text, stats = answer(service)
+    assert stats.adapter is None and text == base_text
+
+
+def test_answer_in_flight_finishes_on_its_adapter(tiny_backend, tiny_model_dir, tiny_cfg):
+    first, second = make_adapter(tiny_model_dir, 4), make_adapter(tiny_model_dir, 5)
+    adapters.set_current(first, "test")
+    service = ChatService(tiny_cfg, tiny_backend)
+    in_flight = service.answer("first question")
+    pieces = iter(in_flight)
+    next(pieces)  # generation has started on `first`
+    adapters.set_current(second, "test")
+    later: dict = {}
+    thread = threading.Thread(target=lambda: later.update(stats=answer(service, "second")[1]))
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive(), "the swap must wait for the answer in flight"
+    for _ in pieces:
+        pass
+    thread.join(timeout=60)
+    assert in_flight.stats.adapter == first
+    assert later["stats"].adapter == second
+
+
+@pytest.mark.parametrize("damage", ["pickle", "truncated", "other_base", "no_weights", "bad_config"])
+def test_bad_adapters_are_refused_and_previous_keeps_serving(damage, tiny_backend, tiny_model_dir, tiny_cfg):
+    good = make_adapter(tiny_model_dir, 6)
+    adapters.set_current(good, "test")
+    service = ChatService(tiny_cfg, tiny_backend)
+    assert answer(service)[1].adapter == good
+    bad = make_adapter(tiny_model_dir, 7, base_sha="0" * 64 if damage == "other_base" else None)
+    folder = adapters.adapter_path(bad)
+    weights = folder / adapters.WEIGHTS_FILE
+    if damage == "pickle":
+        (folder / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "bad_config":
+        (folder / adapters.CONFIG_FILE).write_text("{not json")
+    adapters.set_current(bad, "test")
+    if damage == "no_weights":
+        weights.unlink()
+    stats = answer(service)[1]
+    assert stats.adapter == good
+    expected = {"pickle": "pickle", "truncated": "corrupt", "other_base": "built for base model",
+                "no_weights": "missing", "bad_config": "not JSON"}[damage]
+    assert expected in tiny_backend.last_error
+
+
+def test_adapter_with_wrong_shapes_is_refused(tiny_backend, tiny_model_dir, tiny_cfg, tmp_path):
+    """An adapter that claims our base but whose tensors do not fit it is refused at load."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    version = make_adapter(tiny_model_dir, 8)
+    weights = adapters.adapter_path(version) / adapters.WEIGHTS_FILE
+    tensors = {k: torch.zeros(v.shape[0] + 3, v.shape[1]) for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights))
+    adapters.set_current(version, "test")
+    stats = answer(ChatService(tiny_cfg, tiny_backend))[1]
+    assert stats.adapter is None
+    assert "does not fit" in tiny_backend.last_error
+
+
+def test_chat_refuses_empty_and_oversized_messages():
+    service = ChatService(ServeConfig(max_input_chars=20), ScriptedBackend())
+    with pytest.raises(ChatError, match="type a question"):
+        service.answer("   ")
+    with pytest.raises(ChatError, match="limit is 20"):
+        service.answer("x" * 21)
+
+
+def test_history_is_trimmed_to_fit_the_context():
+    backend = ScriptedBackend(context_window=140)
+    service = ChatService(ServeConfig(max_new_tokens=64, max_history_turns=10), backend)
+    history = [("question " * 10, "answer " * 10)] * 5
+    "".join(service.answer("latest?", history))
+    sent = backend.calls[-1]
+    assert sent[0]["role"] == "system" and sent[-1]["content"] == "latest?"
+    assert backend.count_tokens(sent) <= 140 - 64
+    with pytest.raises(ChatError, match="too long for the model"):
+        service.answer("word " * 200)
+
+
+def test_prompt_uses_chat_template_and_system_prompt(tiny_backend):
+    from assistant.chat import build_messages
+
+    messages = build_messages("You are Peach.", [("hi", "hello")], "rates?")
+    text = tiny_backend.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>system\nYou are Peach.<|im_end|>" in text
+    assert text.rstrip().endswith("<|im_start|>assistant")
+
+
+def test_prepare_local_folder_records_a_stable_hash(tiny_model_dir):
+    from assistant.model import prepare
+
+    first, second = prepare(str(tiny_model_dir)), prepare(str(tiny_model_dir))
+    assert first.sha256 == second.sha256 and len(first.sha256) == 64
+
+
+def test_unknown_hub_id_offline_gives_clear_error():
+    from assistant.model import ModelError, prepare
+
+    with pytest.raises(ModelError, match="cannot find base model"):
+        prepare("no-such-org/no-such-model")
+
+
+@pytest.mark.slow
+def test_default_model_prepares_once_and_answers_in_nf4(tuneloop_home):
+    from assistant.model import PROVENANCE_FILE, prepare
+
+    info = prepare()
+    record = json.loads((Path(info.path) / PROVENANCE_FILE).read_text())
+    assert record["source_sha256"] == info.sha256
+    mtime = (Path(info.path) / "model.safetensors").stat().st_mtime_ns
+    assert prepare().sha256 == info.sha256
+    assert (Path(info.path) / "model.safetensors").stat().st_mtime_ns == mtime, "prepare must be idempotent"
+    backend = TransformersBackend(ServeConfig(max_new_tokens=24, device="cpu"))
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in backend.model.modules())
+    text, stats = answer(ChatService(backend.cfg, backend), "What is a lien?")
+    assert len(text.split()) >= 3 and stats.tokens_out > 3
