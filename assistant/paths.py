@@ -111,3 +111,16 @@ def write_json_atomic(path: Path, payload: object) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def packs_dir() -> Path:
+    """Domain packs shipped with tuneloop (catalog, labelled Q/A, persona, general text)."""
+    return Path(__file__).resolve().parent / "packs"
+
+
+def pack_dir(name: str) -> Path:
+    """The folder of the shipped pack ``name``; refuses unknown names with the list of known ones."""
+    known = sorted(p.name for p in packs_dir().iterdir() if (p / "pack.json").exists())
+    if name not in known:
+        raise ValueError(f"unknown pack {name!r}; shipped packs: {', '.join(known) or 'none'}")
+    return packs_dir() / name
