@@ -1,0 +1,97 @@
+"""``tuneloop staff ...`` and ``tuneloop feedback ...``: staff users, feedback counts, export."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from pathlib import Path
+
+from feedback import auth, store
+from feedback.db import connect
+
+
+def cmd_staff_add(args) -> int:
+    """Create a staff user (or reset their password); the password is read from stdin or a prompt."""
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"Password for {args.name}: ")
+        if getpass.getpass("Repeat the password: ") != password:
+            print("tuneloop staff add: the passwords differ; nothing changed", file=sys.stderr)
+            return 2
+    try:
+        name = auth.add_staff(connect(), args.name, password)
+    except auth.AuthError as exc:
+        print(f"tuneloop staff add: {exc}", file=sys.stderr)
+        return 2
+    print(f"staff user {name} saved")
+    return 0
+
+
+def cmd_staff_list(args) -> int:
+    """List staff users (never their password hashes)."""
+    users = auth.list_staff(connect())
+    if args.json:
+        print(json.dumps(users, indent=2))
+    else:
+        for user in users:
+            print(f"{user['name']}\t{'disabled' if user['disabled'] else 'active'}\tsince {user['created_at']}")
+    return 0
+
+
+def cmd_feedback_stats(args) -> int:
+    """Count turns, thumbs up and down, corrections and answers waiting for review."""
+    counts = store.stats(connect())
+    if args.json:
+        print(json.dumps(counts, indent=2))
+    else:
+        for key, value in counts.items():
+            print(f"{key:>15}: {value}")
+    return 0
+
+
+def cmd_feedback_export(args) -> int:
+    """Export gold corrections, approvals and thumbs-up answers as chat-messages JSONL."""
+    # The served persona is the system message, so training sees exactly what is served; the
+    # serve config's loader lives in assistant.config (only this CLI layer reads it).
+    from assistant.config import ServeConfig, load
+
+    system_prompt = load(ServeConfig, "serve").system_prompt
+    lines = list(store.export_jsonl(connect(), system_prompt))
+    text = "".join(line + "\n" for line in lines)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"{len(lines)} examples written to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def status_fields() -> dict:
+    """``{"feedback": stats}`` for ``tuneloop status``."""
+    return {"feedback": store.stats(connect())}
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("staff", help="manage staff users of the review view", description="Manage staff users of the review view.")
+    staff_sub = p.add_subparsers(dest="staff_command", metavar="ACTION", required=True)
+    q = staff_sub.add_parser("add", help=cmd_staff_add.__doc__, description=cmd_staff_add.__doc__)
+    q.add_argument("name", help="staff name: letters, digits, '.', '_', '-' (at most 64)")
+    q.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin instead of prompting")
+    q.set_defaults(handler=cmd_staff_add)
+    q = staff_sub.add_parser("list", help=cmd_staff_list.__doc__, description=cmd_staff_list.__doc__)
+    q.add_argument("--json", action="store_true", help="print as JSON")
+    q.set_defaults(handler=cmd_staff_list)
+
+    p = sub.add_parser("feedback", help="customer votes and staff corrections", description="Customer votes and staff corrections.")
+    feedback_sub = p.add_subparsers(dest="feedback_command", metavar="ACTION", required=True)
+    q = feedback_sub.add_parser("stats", help=cmd_feedback_stats.__doc__, description=cmd_feedback_stats.__doc__)
+    q.add_argument("--json", action="store_true", help="print turns, up, down, corrections, pending_review as JSON")
+    q.set_defaults(handler=cmd_feedback_stats)
+    q = feedback_sub.add_parser("export", help=cmd_feedback_export.__doc__, description=cmd_feedback_export.__doc__)
+    q.add_argument("--format", choices=["jsonl"], default="jsonl", help="output format (chat-messages JSONL)")
+    q.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
+    q.set_defaults(handler=cmd_feedback_export)

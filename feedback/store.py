@@ -1,0 +1,312 @@
+"""Feedback on logged turns: customer votes, staff corrections and approvals, hand-written
+examples, the review queue, counts, and the export of training examples.
+
+Votes are never updated or deleted: each vote is a new row and the latest unflagged one for a turn
+counts. A session that votes faster than :data:`VOTE_BURST_LIMIT` votes per
+:data:`VOTE_BURST_WINDOW_S` seconds still gets its votes stored (as evidence), but marked
+``flagged`` and left out of every count, queue and export, so a burst cannot poison training data.
+
+Corrections rows have three kinds: ``correction`` (staff rewrote the answer of a turn),
+``approval`` (staff marked the turn's answer as good; its answer is copied) and ``manual`` (a
+hand-written question and answer, ``turn_id`` NULL). Every write runs in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+
+import sqlite_utils
+
+from feedback import auth
+
+VOTE_BURST_LIMIT = 10
+VOTE_BURST_WINDOW_S = 60
+MAX_REASON_CHARS = 500
+MAX_ANSWER_CHARS = 4000
+MAX_QUESTION_CHARS = 2000
+MAX_LABEL_CHARS = 64
+KINDS = ("correction", "approval", "manual")
+UP, DOWN = 1, -1
+
+# The latest unflagged vote of every voted turn: the one that counts.
+_LATEST_VOTES = """
+latest_votes AS (
+    SELECT v.turn_id, v.value, v.reason, v.created_at
+    FROM votes v
+    JOIN (SELECT turn_id, max(id) AS id FROM votes WHERE flagged = 0 GROUP BY turn_id) last ON last.id = v.id
+),
+reviewed AS (
+    SELECT DISTINCT turn_id FROM corrections WHERE kind IN ('correction', 'approval') AND turn_id IS NOT NULL
+)
+"""
+
+
+class FeedbackError(ValueError):
+    """A vote, correction or example is refused; the message is shown to the person who sent it."""
+
+
+@contextmanager
+def _transaction(db: sqlite_utils.Database) -> Iterator[None]:
+    """Checks and writes in one transaction: all of it is stored or none of it."""
+    with db.conn:
+        # IMMEDIATE takes the write lock before the checks, so two concurrent writers cannot both
+        # pass a check (e.g. the vote rate limit) that only one of them should.
+        db.execute("BEGIN IMMEDIATE")
+        yield
+
+
+def log_vote(db: sqlite_utils.Database, session_id: str, turn_id: int, value: int | str, reason: str | None = None) -> dict:
+    """Record a customer's thumbs up (``1``/``"up"``) or down (``-1``/``"down"``) on one of their turns.
+
+    Returns ``{"id", "turn_id", "value", "flagged"}``. Refuses turns that do not exist, belong to
+    another session or have no answer yet, and reasons longer than :data:`MAX_REASON_CHARS`.
+    """
+    value = _vote_value(value)
+    reason = (reason or "").strip() or None
+    if reason is not None and len(reason) > MAX_REASON_CHARS:
+        raise FeedbackError(f"The reason is {len(reason)} characters long; the limit is {MAX_REASON_CHARS}.")
+    if reason is not None and value == UP:
+        reason = None  # a reason is asked for on thumbs-down only
+    turn_id = _turn_id(turn_id)
+    with _transaction(db):
+        turn = db.execute("SELECT session_id, answer FROM turns WHERE id = ?", [turn_id]).fetchone()
+        # The same message for "no such turn" and "someone else's turn": nothing leaks about other sessions.
+        if turn is None or not session_id or turn[0] != session_id:
+            raise FeedbackError(f"There is no answer {turn_id} in this conversation to rate.")
+        if not turn[1]:
+            raise FeedbackError("This answer is not finished yet; rate it once it is complete.")
+        since = _iso(_utcnow() - timedelta(seconds=VOTE_BURST_WINDOW_S))
+        # Votes go only to the session's own turns, so counting through turns(session_id) is exact
+        # and uses the existing indexes.
+        recent = db.execute(
+            "SELECT count(*) FROM votes WHERE session_id = ? AND created_at > ? "
+            "AND turn_id IN (SELECT id FROM turns WHERE session_id = ?)",
+            [session_id, since, session_id],
+        ).fetchone()[0]
+        flagged = int(recent >= VOTE_BURST_LIMIT)
+        vote_id = db["votes"].insert(
+            {"turn_id": turn_id, "session_id": session_id, "value": value, "reason": reason,
+             "flagged": flagged, "created_at": _iso(_utcnow())}
+        ).last_pk
+    return {"id": int(vote_id), "turn_id": turn_id, "value": value, "flagged": bool(flagged)}
+
+
+def record_correction(db: sqlite_utils.Database, staff_user: str, turn_id: int, answer: str, label: str | None = None) -> int:
+    """Store a staff member's corrected answer for a turn; returns the corrections row id."""
+    answer = _text(answer, "corrected answer", MAX_ANSWER_CHARS)
+    label = _label(label)
+    turn_id = _turn_id(turn_id)
+    with _transaction(db):
+        _require_staff(db, staff_user)
+        question = _turn(db, turn_id)["question"]
+        return _insert_correction(db, "correction", turn_id, question, answer, label, staff_user)
+
+
+def approve(db: sqlite_utils.Database, staff_user: str, turn_id: int, label: str | None = None) -> int:
+    """Mark a turn's answer as good (it becomes a training example as is); returns the row id."""
+    label = _label(label)
+    turn_id = _turn_id(turn_id)
+    with _transaction(db):
+        _require_staff(db, staff_user)
+        turn = _turn(db, turn_id)
+        if turn["status"] != "complete" or not (turn["answer"] or "").strip():
+            raise FeedbackError(f"Answer {turn_id} is incomplete ({turn['status']}); write a correction instead.")
+        return _insert_correction(db, "approval", turn_id, turn["question"], turn["answer"], label, staff_user)
+
+
+def add_example(db: sqlite_utils.Database, staff_user: str, question: str, answer: str, label: str | None = None) -> int:
+    """Store a hand-written question and answer (kind ``manual``, no turn); returns the row id."""
+    question = _text(question, "question", MAX_QUESTION_CHARS)
+    answer = _text(answer, "answer", MAX_ANSWER_CHARS)
+    label = _label(label)
+    with _transaction(db):
+        _require_staff(db, staff_user)
+        return _insert_correction(db, "manual", None, question, answer, label, staff_user)
+
+
+def _insert_correction(db, kind, turn_id, question, answer, label, staff_user) -> int:
+    row = {"turn_id": turn_id, "kind": kind, "question": question, "answer": answer, "label": label,
+           "staff_user": staff_user, "created_at": _iso(_utcnow())}
+    return int(db["corrections"].insert(row).last_pk)
+
+
+def review_queue(db: sqlite_utils.Database, limit: int = 50) -> list[dict]:
+    """Turns waiting for staff: thumbs-down first, then recent unrated answers, newest first.
+
+    A turn leaves the queue once it has a correction or approval. Each item holds ``turn_id``,
+    ``vote`` ("down" or None), ``reason``, ``question``, ``answer``, ``adapter``, ``created_at``.
+    """
+    rows = db.query(
+        f"""
+        WITH {_LATEST_VOTES}
+        SELECT t.id AS turn_id, lv.value AS vote_value, lv.reason, t.question, t.answer, t.adapter,
+               t.created_at
+        FROM turns t
+        LEFT JOIN latest_votes lv ON lv.turn_id = t.id
+        WHERE t.id NOT IN (SELECT turn_id FROM reviewed)
+          AND t.answer IS NOT NULL AND t.status != 'streaming'
+          AND (lv.value = -1 OR lv.value IS NULL)
+        ORDER BY (lv.value = -1) DESC, t.id DESC
+        LIMIT ?
+        """,
+        [limit],
+    )
+    return [
+        {"turn_id": r["turn_id"], "vote": "down" if r["vote_value"] == DOWN else None, "reason": r["reason"],
+         "question": r["question"], "answer": r["answer"], "adapter": r["adapter"], "created_at": r["created_at"]}
+        for r in rows
+    ]
+
+
+def review_item(db: sqlite_utils.Database, turn_id: int) -> dict:
+    """One turn for review: the earlier conversation, question, answer, adapter, vote and corrections."""
+    turn_id = _turn_id(turn_id)
+    turn = _turn(db, turn_id)
+    vote = db.execute(
+        "SELECT value, reason FROM votes WHERE turn_id = ? AND flagged = 0 ORDER BY id DESC LIMIT 1", [turn_id]
+    ).fetchone()
+    corrections = list(db.query(
+        "SELECT id, kind, answer, label, staff_user, created_at FROM corrections WHERE turn_id = ? ORDER BY id",
+        [turn_id],
+    ))
+    return {
+        "turn_id": turn_id,
+        "history": [list(pair) for pair in json.loads(turn["history"] or "[]")],
+        "question": turn["question"],
+        "answer": turn["answer"],
+        "adapter": turn["adapter"],
+        "base_model": turn["base_model"],
+        "status": turn["status"],
+        "vote": {UP: "up", DOWN: "down"}.get(vote[0]) if vote else None,
+        "reason": vote[1] if vote else None,
+        "corrections": corrections,
+        "created_at": turn["created_at"],
+    }
+
+
+def stats(db: sqlite_utils.Database) -> dict:
+    """Counts: ``turns``, ``up`` and ``down`` (turns whose counting vote is up/down), ``corrections``
+    (rows of every kind), ``pending_review`` (thumbs-down turns not yet corrected or approved) and
+    ``flagged_votes``."""
+    row = db.execute(
+        f"""
+        WITH {_LATEST_VOTES}
+        SELECT
+            (SELECT count(*) FROM turns),
+            (SELECT count(*) FROM latest_votes WHERE value = 1),
+            (SELECT count(*) FROM latest_votes WHERE value = -1),
+            (SELECT count(*) FROM corrections),
+            (SELECT count(*) FROM latest_votes WHERE value = -1 AND turn_id NOT IN (SELECT turn_id FROM reviewed)),
+            (SELECT count(*) FROM votes WHERE flagged = 1)
+        """
+    ).fetchone()
+    keys = ("turns", "up", "down", "corrections", "pending_review", "flagged_votes")
+    return dict(zip(keys, (int(v) for v in row)))
+
+
+def export_rows(db: sqlite_utils.Database) -> list[dict]:
+    """The examples training may use, oldest first: ``{"source", "id", "turn_id", "question", "answer", "label"}``.
+
+    Per turn the latest staff correction or approval wins; otherwise a complete answer whose
+    counting vote is thumbs-up. Every manual example. Thumbs-down answers never.
+    """
+    rows = db.query(
+        f"""
+        WITH {_LATEST_VOTES},
+        gold AS (
+            SELECT c.* FROM corrections c
+            JOIN (SELECT turn_id, max(id) AS id FROM corrections
+                  WHERE kind IN ('correction', 'approval') AND turn_id IS NOT NULL GROUP BY turn_id) last
+              ON last.id = c.id
+        )
+        SELECT kind AS source, id, turn_id, question, answer, label, created_at FROM gold
+        UNION ALL
+        SELECT 'manual', id, NULL, question, answer, label, created_at FROM corrections WHERE kind = 'manual'
+        UNION ALL
+        SELECT 'thumbs_up', t.id, t.id, t.question, t.answer, NULL, t.created_at
+        FROM turns t JOIN latest_votes lv ON lv.turn_id = t.id
+        WHERE lv.value = 1 AND t.status = 'complete' AND trim(coalesce(t.answer, '')) != ''
+          AND t.id NOT IN (SELECT turn_id FROM reviewed)
+        ORDER BY created_at, id
+        """
+    )
+    return [{k: r[k] for k in ("source", "id", "turn_id", "question", "answer", "label")} for r in rows]
+
+
+def chat_example(system_prompt: str, question: str, answer: str) -> dict:
+    """One training example in chat-messages form: system persona, question, answer."""
+    return {
+        "messages": [
+            {"role": "system", "content": system_prompt},
+            {"role": "user", "content": question.strip()},
+            {"role": "assistant", "content": answer.strip()},
+        ]
+    }
+
+
+def export_jsonl(db: sqlite_utils.Database, system_prompt: str) -> Iterator[str]:
+    """The exported examples as JSONL lines (no trailing newline), one chat example each."""
+    for row in export_rows(db):
+        yield json.dumps(chat_example(system_prompt, row["question"], row["answer"]), ensure_ascii=False)
+
+
+def _require_staff(db: sqlite_utils.Database, staff_user: str | None) -> None:
+    if not auth.is_staff(db, staff_user):
+        raise auth.AuthError("Staff only: this needs a signed-in, enabled staff user.")
+
+
+def _turn(db: sqlite_utils.Database, turn_id: int) -> dict:
+    rows = list(db.query("SELECT * FROM turns WHERE id = ?", [turn_id]))
+    if not rows:
+        raise FeedbackError(f"There is no answer {turn_id}.")
+    return rows[0]
+
+
+def _turn_id(turn_id) -> int:
+    if turn_id is None or turn_id == "":
+        raise FeedbackError("Pick an answer first (its number is missing).")
+    try:
+        value = int(turn_id)
+        if value != turn_id and not isinstance(turn_id, str):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise FeedbackError(f"{turn_id!r} is not an answer number.") from None
+    return value
+
+
+def _vote_value(value: int | str) -> int:
+    choices = {"up": UP, "down": DOWN, UP: UP, DOWN: DOWN, "1": UP, "-1": DOWN}
+    if isinstance(value, float) and value in (1.0, -1.0):
+        value = int(value)
+    if isinstance(value, str):
+        value = value.strip().lower()
+    if isinstance(value, bool) or value not in choices:
+        raise FeedbackError(f"A vote is 'up' or 'down', not {value!r}.")
+    return choices[value]
+
+
+def _text(value: str | None, what: str, limit: int) -> str:
+    text = (value or "").strip()
+    if not text:
+        raise FeedbackError(f"The {what} is empty; please write it.")
+    if len(text) > limit:
+        raise FeedbackError(f"The {what} is {len(text)} characters long; the limit is {limit}.")
+    return text
+
+
+def _label(label: str | None) -> str | None:
+    label = (label or "").strip() or None
+    if label is not None and len(label) > MAX_LABEL_CHARS:
+        raise FeedbackError(f"The label is {len(label)} characters long; the limit is {MAX_LABEL_CHARS}.")
+    return label
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="microseconds")
