@@ -88,6 +88,49 @@ def m0001_capture(db: sqlite_utils.Database) -> None:
     db["signin_attempts"].create_index(["name", "created_at"])
 
 
+@migrations(name="0002_examples")
+def m0002_examples(db: sqlite_utils.Database) -> None:
+    # Imported, pack and staff-added examples; the split is decided once, at import, and never moves.
+    db["examples"].create(
+        {
+            "id": int,
+            "content_hash": str,
+            "question_hash": str,
+            "question": str,
+            "answer": str,
+            "label": str,
+            "source": str,
+            "split": str,
+            "origin": str,
+            "created_at": str,
+        },
+        pk="id",
+        not_null={"content_hash", "question_hash", "question", "answer", "source", "split", "created_at"},
+    )
+    db["examples"].create_index(["content_hash"], unique=True)
+    db["examples"].create_index(["question_hash"])
+    db["examples"].create_index(["split"])
+    # Embeddings of normalised questions keyed by the text's hash, so nothing is embedded twice.
+    db["embeddings"].create(
+        {"hash": str, "model": str, "vector": bytes},
+        pk=("hash", "model"),
+        not_null={"vector"},
+    )
+    db["dataset_versions"].create(
+        {
+            "version": str,
+            "path": str,
+            "manifest_sha256": str,
+            "train": int,
+            "val": int,
+            "test": int,
+            "created_at": str,
+        },
+        pk="version",
+        not_null={"path", "manifest_sha256", "created_at"},
+    )
+
+
 def apply(db: sqlite_utils.Database) -> None:
     """Bring ``db`` to the latest schema; applying twice changes nothing."""
     migrations.apply(db)

@@ -1,0 +1,126 @@
+"""Dataset snapshots: ``$TUNELOOP_HOME/datasets/<version>/`` with versions ``d0001``, ``d0002``, ...
+
+Each snapshot holds ``train.jsonl``, ``val.jsonl`` and ``test.jsonl``, one row per line, exactly
+``{"id": str, "question": str, "answer": str, "label": str | null, "source": str}`` (source one of
+:data:`ROW_SOURCES`), and ``manifest.json`` (row ids, counts per source and label per split, the
+sha256 of each file, what changed against the previous version and why, created_at, config).
+
+A snapshot is written into a hidden temporary folder and renamed into place, so a crash or a full
+disk mid-write leaves the previous version as it was and no half-written version visible. The
+trainer and evaluator read snapshots only through :func:`latest_snapshot` and :func:`load_split`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlite_utils
+
+from assistant import paths
+
+SPLITS = ("train", "val", "test")
+ROW_SOURCES = ("import", "pack", "manual", "correction", "approval", "thumbs_up")
+ROW_KEYS = ("id", "question", "answer", "label", "source")
+_VERSION = re.compile(r"^d(\d{4,})$")
+
+
+def version_name(number: int) -> str:
+    return f"d{number:04d}"
+
+
+def snapshots() -> list[Path]:
+    """Complete snapshot folders (holding manifest.json), oldest first."""
+    found = []
+    for child in paths.datasets_dir().iterdir():
+        match = _VERSION.match(child.name)
+        if match and child.is_dir() and (child / "manifest.json").is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def latest_snapshot() -> Path | None:
+    """The highest-numbered snapshot folder that holds a manifest.json, or None."""
+    found = snapshots()
+    return found[-1] if found else None
+
+
+def load_split(path: Path | str, split: str) -> list[dict]:
+    """The rows of one split of a snapshot folder, in file order."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    with open(Path(path) / f"{split}.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def load_manifest(path: Path | str) -> dict:
+    return json.loads((Path(path) / "manifest.json").read_text(encoding="utf-8"))
+
+
+def render_split(rows: list[dict]) -> bytes:
+    """The bytes of one split file: one JSON object per line, keys in :data:`ROW_KEYS` order."""
+    lines = [json.dumps({key: row[key] for key in ROW_KEYS}, ensure_ascii=False) + "\n" for row in rows]
+    return "".join(lines).encode("utf-8")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def next_version(db: sqlite_utils.Database) -> str:
+    """One past the highest version on disk or recorded in the database."""
+    numbers = [int(_VERSION.match(p.name).group(1)) for p in paths.datasets_dir().iterdir() if _VERSION.match(p.name)]
+    numbers += [int(_VERSION.match(r["version"]).group(1)) for r in db.query("select version from dataset_versions")]
+    return version_name(max(numbers, default=0) + 1)
+
+
+def write_snapshot(db: sqlite_utils.Database, version: str, files: dict[str, bytes], manifest: dict) -> Path:
+    """Write the split files and manifest to a temporary folder, fsync, rename it to ``version``,
+    then record the version in the database. On any error nothing new is left behind."""
+    root = paths.datasets_dir()
+    final = root / version
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{version}.", suffix=".tmp"))
+    try:
+        for name, data in files.items():
+            _write_file(tmp / name, data)
+        manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+        _write_file(tmp / "manifest.json", manifest_bytes)
+        # os.rename of a folder fails if the target exists: two curations cannot take one version.
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(root)
+    counts = manifest["counts"]
+    with db.conn:
+        db["dataset_versions"].insert({
+            "version": version, "path": str(final), "manifest_sha256": sha256_bytes(manifest_bytes),
+            "train": counts["train"], "val": counts["val"], "test": counts["test"],
+            "created_at": manifest["created_at"],
+        })
+    return final
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
