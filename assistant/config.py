@@ -43,6 +43,8 @@ class ServeConfig:
     """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     """The domain persona, sent as the system message of every chat and training example."""
+    title: str = "tuneloop assistant"
+    """Name shown at the top of the chat page."""
     max_new_tokens: int = 96
     """Longest answer, in tokens."""
     temperature: float = 0.0
