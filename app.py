@@ -20,7 +20,7 @@ import gradio as gr  # noqa: E402  (imported after the environment keeps it offl
 
 from assistant import adapters  # noqa: E402
 from assistant.chat import ChatError, ChatService  # noqa: E402
-from feedback import auth, store, turns  # noqa: E402
+from feedback import auth, review, store, turns  # noqa: E402
 from feedback.db import ThreadLocalDB  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ API_NAMES = {
     "correct": "turn_id, corrected answer, label (optional)",
     "approve": "turn_id, label (optional)",
     "add_example": "question, answer, label (optional)",
+    "review_next_pair": "",
+    "review_mark": "pair_id, A accurate and helpful (bool), B accurate and helpful (bool)",
 }
 QUEUE_HEADERS = ["answer #", "vote", "reason", "question", "answer", "adapter", "asked at (UTC)"]
 
@@ -249,7 +251,7 @@ def _staff_page(db: ThreadLocalDB, tokens: auth.StaffTokens, title: str) -> None
         with gr.Row():
             whoami = gr.Textbox(label="Signed in as", interactive=False, scale=3)
             signout_button = gr.Button("Sign out", scale=1)
-        refresh_model, model_outputs = _model_section()
+        refresh_model, model_outputs = _model_section(db)
         gr.Markdown("### Review queue: thumbs-down first, then recent unrated answers")
         refresh = gr.Button("Refresh queue")
         queue_table = gr.Dataframe(headers=QUEUE_HEADERS, interactive=False, wrap=True, max_height=360)
@@ -297,21 +299,68 @@ def _staff_page(db: ThreadLocalDB, tokens: auth.StaffTokens, title: str) -> None
         queue, token, queue_table, **private
     )
     add_button.click(add_example, [token, example_question, example_answer, example_label], result, api_name="add_example")
+    _blind_review_section(db, panel, token, staff_name)
 
 
-def _model_section():
-    """The staff view's model section: the adapter serving now.
+def _model_section(db: ThreadLocalDB):
+    """The staff view's model section: the adapter serving now, the last gate decision and the F1
+    history plot the last report wrote (data from :mod:`feedback.review`).
 
-    Returns ``(refresh, outputs)``; the panels about retraining (last gate decision, F1 history)
-    belong in this section and refresh with it.
+    Returns ``(refresh, outputs)``.
     """
     with gr.Row():
         current = gr.Textbox(label="Adapter serving now", interactive=False)
+    decision = gr.Textbox(label="Last promotion decision", interactive=False, lines=4)
+    history = gr.Image(label="F1 across adapter versions", type="filepath", interactive=False, height=320)
 
     def refresh():
-        return adapters.current_version() or "none (base model)"
+        png = review.f1_history_png()
+        return (adapters.current_version() or "none (base model)",
+                review.decision_text(review.last_decision(db.get())), str(png) if png else None)
 
-    return refresh, [current]
+    return refresh, [current, decision, history]
+
+
+def _blind_review_section(db: ThreadLocalDB, panel: gr.Column, token: gr.State, staff_name) -> None:
+    """Blind side-by-side review of current and candidate answers (which side is which is hidden)."""
+
+    def shares_text() -> str:
+        shares = review.helpful_shares(db.get())
+        return "Marked accurate and helpful: " + (", ".join(
+            f"{s['adapter']} {s['helpful_share']:.0%} of {s['marks']}" for s in shares) or "no marks yet")
+
+    def next_pair(token: str | None):
+        try:
+            pair = review.next_pair(db.get(), staff_name(token))
+        except auth.AuthError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        if pair is None:
+            return None, "Nothing left to review.", "", "", False, False, shares_text()
+        return pair["pair_id"], pair["question"], pair["left"], pair["right"], False, False, shares_text()
+
+    def save(token: str | None, pair_id: int | None, left_ok: bool, right_ok: bool):
+        try:
+            review.mark_pair(db.get(), staff_name(token), pair_id, left_ok, right_ok)
+        except (auth.AuthError, review.ReviewError) as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        return next_pair(token)
+
+    with panel, gr.Accordion("Blind review: which answers are accurate and helpful?", open=False):
+        pair_id = gr.Number(None, label="pair", precision=0, visible=False)
+        question = gr.Textbox(label="Question", interactive=False)
+        with gr.Row():
+            left = gr.Textbox(label="Answer A", interactive=False, lines=4)
+            right = gr.Textbox(label="Answer B", interactive=False, lines=4)
+        with gr.Row():
+            left_ok = gr.Checkbox(label="A is accurate and helpful")
+            right_ok = gr.Checkbox(label="B is accurate and helpful")
+        with gr.Row():
+            next_button = gr.Button("Next pair")
+            save_button = gr.Button("Save and next", variant="primary")
+        shares = gr.Markdown()
+    outputs = [pair_id, question, left, right, left_ok, right_ok, shares]
+    next_button.click(next_pair, token, outputs, api_name="review_next_pair")
+    save_button.click(save, [token, pair_id, left_ok, right_ok], outputs, api_name="review_mark")
 
 
 def _as_text(text: str) -> str:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from assistant import paths
 from assistant.config import ConfigError, ServeConfig, add_arguments, as_dict, from_args
 
 # Modules with ``add_commands(subparsers)`` (and optionally ``status_fields() -> dict``).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["feedback.cli", "trainer.cli", "feedback.data_cli", "evals.cli", "pipeline"]
 
 
 def cmd_serve(args) -> int:
@@ -27,7 +28,7 @@ def cmd_serve(args) -> int:
     cfg = from_args(ServeConfig, "serve", args)
     backend = TransformersBackend(cfg)
     service = ChatService(cfg, backend)
-    demo = app.build_app(service, ThreadLocalDB(), backend.base.model_id)
+    demo = app.build_app(service, ThreadLocalDB(), backend.base.model_id, title=cfg.title)
     print(f"tuneloop: serving {cfg.base_model} ({cfg.quantization}) with adapter "
           f"{backend.active or 'none (base model)'} at http://{cfg.host}:{cfg.port}", flush=True)
     app.launch(demo, cfg.host, cfg.port, cfg.concurrency, block=True)
@@ -115,6 +116,68 @@ def cmd_model_prepare(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    """Set up a home: prepare the model, import a domain pack, install its persona, curate the first dataset."""
+    from assistant import model
+    from feedback import curate, packs
+    from feedback.db import connect
+
+    pack = packs.load_pack(args.pack)
+    persona_installed = packs.install_persona(pack)
+    cfg = from_args(ServeConfig, "serve", args)
+    info = model.prepare(cfg.base_model)
+    db = connect()
+    imported = packs.import_pack(db, pack)
+    dataset = curate.main(curate.CurateConfig(), db)
+    payload = {
+        "home": str(paths.home()),
+        "pack": pack.name,
+        "base_model": info.model_id,
+        "persona_installed": persona_installed,
+        "imported": imported.imported,
+        "skipped_duplicates": imported.skipped_duplicates,
+        "dataset": dataset.version,
+        "dataset_unchanged": dataset.unchanged,
+        "examples": dataset.counts,
+    }
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        counts = ", ".join(f"{k} {v}" for k, v in dataset.counts.items())
+        print(f"tuneloop home {payload['home']}: {pack.title} pack, {imported.imported} new examples "
+              f"({imported.skipped_duplicates} already there); dataset {dataset.version} ({counts})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Serve the chat at once and run the first retrain in the background; the promoted adapter swaps in live."""
+    import subprocess
+
+    from feedback import auth
+    from feedback.db import connect
+
+    db = connect()
+    if not auth.list_staff(db):
+        import secrets
+
+        password = secrets.token_urlsafe(9)
+        auth.add_staff(db, "staff", password)
+        print(f"tuneloop demo: staff sign-in at /staff as 'staff' with password {password} (shown once)", flush=True)
+    retrain = None
+    if not args.no_retrain:
+        # Its own process: training must start from a freshly loaded base (bitsandbytes 4-bit trap)
+        # and must never slow the server's event loop.
+        command = [sys.executable, "-m", "cli", "retrain"]
+        retrain = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        print(f"tuneloop demo: first retrain started in the background (pid {retrain.pid}); watch its progress "
+              "here and in the staff view", flush=True)
+    try:
+        return cmd_serve(args)
+    finally:
+        if retrain is not None and retrain.poll() is None:
+            retrain.terminate()
+
+
 def cmd_config_show(args) -> int:
     """Print the resolved serve config (defaults < config file < environment)."""
     print(json.dumps(as_dict(from_args(ServeConfig, "serve", args)), indent=2))
@@ -150,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print as JSON")
     add_arguments(q, ServeConfig, skip=("host", "port", "concurrency", "system_prompt"))
     q.set_defaults(handler=cmd_model_prepare)
+
+    p = sub.add_parser("init", help=cmd_init.__doc__, description=cmd_init.__doc__)
+    p.add_argument("--pack", default="peach_state_bank", help="the shipped domain pack to import (default: peach_state_bank)")
+    p.add_argument("--json", action="store_true", help="print what was set up as JSON")
+    p.set_defaults(handler=cmd_init)
+
+    p = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
+    p.add_argument("--no-retrain", action="store_true", help="only serve; do not start the background retrain")
+    add_arguments(p, ServeConfig)
+    p.set_defaults(handler=cmd_demo)
 
     p = sub.add_parser("config", help="show the resolved configuration", description="Show the resolved configuration.")
     config_sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)

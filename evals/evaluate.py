@@ -1,0 +1,376 @@
+"""Test-set evaluation in exactly the served configuration: the base model, an adapter, or a
+few-shot prompt of the base, scored by label F1, answer F1, ROUGE-L, BLEU, latency and length.
+
+Answers are generated the way the server generates them (the serve config's quantization, chat
+template, system prompt, ``max_new_tokens`` and ``repetition_penalty``), greedily, in left-padded
+batches. The 4-bit base is loaded once; adapters are attached to it with peft and switched, so
+evaluating base, current and candidate costs one model load.
+
+Label F1: an :class:`~evals.labeler.AnswerLabeler`, fitted on the snapshot's training answers and
+cached under ``$TUNELOOP_HOME/evals/labelers/``, predicts the product label of each generated answer;
+macro F1 against the test labels is the gate metric. Without labels the gate metric is answer F1.
+
+Two :class:`Runner` implementations: :class:`ModelRunner` (the real model) and
+:class:`ScriptedRunner` (canned answers, for fast tests of the gate and the pipeline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from assistant import adapters, paths
+from assistant.chat import build_messages
+from assistant.config import ServeConfig, check
+from evals import metrics
+from evals.labeler import AnswerLabeler
+from feedback import datasets
+
+BASE = "base"
+CURRENT = "current"
+
+
+@dataclass
+class EvalConfig:
+    adapter: str = CURRENT
+    """What to evaluate: "current" (the adapter serving now), "base" (no adapter) or an adapter version."""
+    dataset: str = ""
+    """A snapshot folder (its test split), or a JSONL/CSV file of examples; empty = the latest snapshot."""
+    question_col: str = "question"
+    """Column of the question in a --dataset file."""
+    answer_col: str = "answer"
+    """Column of the reference answer in a --dataset file."""
+    label_col: str = "label"
+    """Column of the product label in a --dataset file; rows without it are scored by answer F1 only."""
+    limit: int = 0
+    """Evaluate only the first N test examples; 0 = all."""
+    batch_size: int = 16
+    """Questions generated together (left-padded, greedy)."""
+    few_shot_k: int = 3
+    """Training examples put in the prompt of the few-shot baseline of the base model."""
+    baselines: bool = False
+    """Also evaluate the base model and its few-shot prompt beside the chosen adapter."""
+    seed: int = 0
+    """Seed for choosing the few-shot examples."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.adapter.strip()), "adapter must be 'current', 'base' or an adapter version")
+        check(self.limit >= 0, "limit must be 0 (all examples) or positive")
+        check(1 <= self.batch_size <= 512, "batch_size must be between 1 and 512")
+        check(0 <= self.few_shot_k <= 32, "few_shot_k must be between 0 and 32")
+
+
+@dataclass
+class Generation:
+    """One generated answer and what it cost."""
+
+    text: str
+    latency_s: float
+    """Wall time of its batch divided by the batch size."""
+    prompt_tokens: int
+    tokens_out: int
+
+
+class Runner(Protocol):
+    """Generates answers and measures perplexity on the base model or one of its adapters."""
+
+    def generate(self, conversations: list[list[dict]], adapter: str | None, batch_size: int) -> list[Generation]:
+        """Greedy answers to chat-message lists; ``adapter`` None means the base model alone."""
+        ...
+
+    def perplexity(self, texts: Sequence[str], adapter: str | None) -> float:
+        """Perplexity of the base model (or base + adapter) on plain texts."""
+        ...
+
+
+class ModelRunner:
+    """The served model: base loaded once (4-bit as served), adapters attached with peft."""
+
+    def __init__(self, serve: ServeConfig):
+        from assistant import model as base_model
+
+        self.serve = serve
+        self.base = base_model.prepare(serve.base_model)
+        self.tokenizer, self.model = base_model.load_base(self.base, serve.quantization, serve.device)
+        self.peft = None
+
+    @contextlib.contextmanager
+    def _active(self, adapter: str | None) -> Iterator:
+        if adapter is None:
+            if self.peft is None:
+                yield self.model
+            else:
+                with self.peft.disable_adapter():
+                    yield self.peft
+            return
+        folder = adapters.adapter_path(adapter)
+        adapters.validate(folder, self.base.model_id, self.base.sha256)
+        from peft import PeftModel
+
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=adapter, is_trainable=False)
+        elif adapter not in self.peft.peft_config:
+            self.peft.load_adapter(str(folder), adapter_name=adapter, is_trainable=False)
+        self.peft.set_adapter(adapter)
+        self.peft.eval()
+        yield self.peft
+
+    def generate(self, conversations: list[list[dict]], adapter: str | None, batch_size: int) -> list[Generation]:
+        import torch
+
+        out: list[Generation] = []
+        eos = self.tokenizer.eos_token_id
+        with self._active(adapter) as model, torch.no_grad():
+            for start in range(0, len(conversations), batch_size):
+                batch = conversations[start : start + batch_size]
+                # The served prompt (same chat template call as TransformersBackend), padded on the
+                # left so every answer starts right after its own prompt.
+                self.tokenizer.padding_side = "left"
+                inputs = self.tokenizer.apply_chat_template(
+                    batch, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
+                ).to(model.device)
+                started = time.perf_counter()
+                output = model.generate(
+                    **inputs,
+                    max_new_tokens=self.serve.max_new_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    repetition_penalty=self.serve.repetition_penalty,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+                share = (time.perf_counter() - started) / len(batch)
+                prompt_len = inputs["input_ids"].shape[1]
+                for row, mask in zip(output, inputs["attention_mask"]):
+                    new = row[prompt_len:].tolist()
+                    # Tokens up to and including the end-of-turn token; the rest is padding.
+                    length = new.index(eos) + 1 if eos in new else len(new)
+                    text = self.tokenizer.decode(new[:length], skip_special_tokens=True).strip()
+                    out.append(Generation(text, share, int(mask.sum()), length))
+        return out
+
+    def perplexity(self, texts: Sequence[str], adapter: str | None) -> float:
+        with self._active(adapter) as model:
+            return metrics.perplexity(model, self.tokenizer, texts)
+
+
+@dataclass
+class ScriptedRunner:
+    """Canned answers for fast tests: ``answer(adapter, question) -> str`` and a perplexity per adapter."""
+
+    answer: Callable[[str | None, str], str]
+    perplexities: dict = field(default_factory=dict)
+
+    def generate(self, conversations: list[list[dict]], adapter: str | None, batch_size: int) -> list[Generation]:
+        return [
+            Generation(self.answer(adapter, messages[-1]["content"]), 0.001, sum(len(m["content"].split()) for m in messages), 8)
+            for messages in conversations
+        ]
+
+    def perplexity(self, texts: Sequence[str], adapter: str | None) -> float:
+        return float(self.perplexities.get(adapter, 10.0))
+
+
+# --- test data -----------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalSet:
+    """The examples to score and where they came from."""
+
+    name: str
+    """Dataset version (``d0003``) or file name."""
+    examples: list[dict]
+    """Rows ``{"id", "question", "answer", "label"}``; ``label`` may be None."""
+    train: list[dict]
+    """Training rows of the same snapshot (labeler fit and few-shot examples); may be empty."""
+
+
+def load_test_set(cfg: EvalConfig) -> EvalSet:
+    """The test examples ``cfg`` names, limited to ``cfg.limit``, with their snapshot's train split."""
+    target = Path(cfg.dataset).expanduser() if cfg.dataset else datasets.latest_snapshot()
+    if target is None:
+        raise FileNotFoundError("no dataset snapshot yet: run `tuneloop retrain` (it curates one) or pass --dataset FILE")
+    if target.is_dir():
+        examples = datasets.load_split(target, "test")
+        train = datasets.load_split(target, "train")
+        name = target.name
+    else:
+        examples = _read_file(target, cfg)
+        latest = datasets.latest_snapshot()
+        train = datasets.load_split(latest, "train") if latest else []
+        name = target.name
+    if cfg.limit:
+        examples = examples[: cfg.limit]
+    if not examples:
+        raise ValueError(f"{target}: no test examples to evaluate")
+    return EvalSet(name, examples, train)
+
+
+def _read_file(file: Path, cfg: EvalConfig) -> list[dict]:
+    if file.suffix.lower() == ".csv":
+        with open(file, newline="", encoding="utf-8") as handle:
+            raw = list(csv.DictReader(handle))
+    else:
+        raw = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for number, row in enumerate(raw, start=1):
+        question, answer = row.get(cfg.question_col), row.get(cfg.answer_col)
+        if not question or not answer:
+            raise ValueError(f"{file}: row {number} lacks {cfg.question_col!r} or {cfg.answer_col!r}")
+        label = row.get(cfg.label_col)
+        rows.append({"id": row.get("id", number), "question": str(question), "answer": str(answer),
+                     "label": None if label in (None, "") else str(label)})
+    return rows
+
+
+def few_shot_examples(train: list[dict], k: int, seed: int) -> list[tuple[str, str]]:
+    """``k`` (question, answer) pairs from the training split, one per label while labels last."""
+    rng = random.Random(seed)
+    shuffled = train[:]
+    rng.shuffle(shuffled)
+    picked, labels = [], set()
+    for row in shuffled:
+        if len(picked) < k and row.get("label") not in labels:
+            picked.append(row)
+            labels.add(row.get("label"))
+    picked += [row for row in shuffled if row not in picked][: k - len(picked)]
+    return [(row["question"], row["answer"]) for row in picked]
+
+
+def labeler_for(test: EvalSet) -> AnswerLabeler | None:
+    """The answer labeler fitted on the train answers (or, for a file without a snapshot, the
+    file's own reference answers), cached by a hash of what it was fitted on; None without labels."""
+    if any(row.get("label") is None for row in test.examples):
+        return None
+    source = [r for r in test.train if r.get("label")] or test.examples
+    pairs = sorted((r["answer"], str(r["label"])) for r in source)
+    if len({label for _, label in pairs}) < 2:
+        return None
+    key = paths.sha256_text(json.dumps(pairs))[:16]
+    folder = paths.home() / "evals" / "labelers" / key
+    if (folder / "labeler.json").exists():
+        return AnswerLabeler.load(folder)
+    labeler = AnswerLabeler().fit([a for a, _ in pairs], [lab for _, lab in pairs])
+    labeler.save(folder)
+    return labeler
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+def evaluate(
+    runner: Runner,
+    test: EvalSet,
+    adapter: str | None,
+    serve: ServeConfig,
+    labeler: AnswerLabeler | None,
+    shots: list[tuple[str, str]] | None = None,
+    batch_size: int = 16,
+    general_texts: Sequence[str] | None = None,
+) -> dict:
+    """Generate and score answers of ``adapter`` (None = base) on ``test``; returns the report.
+
+    Keys: ``adapter``, ``dataset``, ``n``, ``f1`` (the gate metric: label F1 when the test set has
+    labels, else answer F1), ``metric``, ``label_f1``, ``answer_f1``, ``rouge_l``, ``bleu``,
+    ``latency_s`` (per answer, batched), ``tokens_per_answer``, ``prompt_tokens``, ``few_shot_k``,
+    ``per_label``, ``confusions``, ``perplexity`` (on ``general_texts``, else None), ``examples``.
+    """
+    conversations = [build_messages(serve.system_prompt, list(shots or []), row["question"]) for row in test.examples]
+    generations = runner.generate(conversations, adapter, batch_size)
+    answers = [g.text for g in generations]
+    references = [row["answer"] for row in test.examples]
+    per_example_f1 = [metrics.answer_f1(a, r) for a, r in zip(answers, references)]
+    predicted = labeler.predict(answers) if labeler else [None] * len(answers)
+    report: dict = {
+        "adapter": adapter,
+        "dataset": test.name,
+        "n": len(answers),
+        "answer_f1": sum(per_example_f1) / len(per_example_f1),
+        "rouge_l": metrics.rouge_l(answers, references),
+        "bleu": metrics.bleu(answers, references),
+        "latency_s": sum(g.latency_s for g in generations) / len(generations),
+        "tokens_per_answer": sum(g.tokens_out for g in generations) / len(generations),
+        "prompt_tokens": sum(g.prompt_tokens for g in generations) / len(generations),
+        "few_shot_k": len(shots or []),
+        "label_f1": None,
+        "per_label": {},
+        "confusions": [],
+        "perplexity": runner.perplexity(general_texts, adapter) if general_texts else None,
+    }
+    if labeler:
+        scores = metrics.label_scores([row["label"] for row in test.examples], predicted)
+        report.update(label_f1=scores["f1"], per_label=scores["per_label"], confusions=scores["confusions"])
+    report["metric"] = "label_f1" if labeler else "answer_f1"
+    report["f1"] = report[report["metric"]]
+    report["examples"] = [
+        {"id": row.get("id"), "question": row["question"], "reference": row["answer"], "label": row.get("label"),
+         "answer": answer, "predicted_label": label, "answer_f1": score}
+        for row, answer, label, score in zip(test.examples, answers, predicted, per_example_f1)
+    ]
+    return report
+
+
+def summary(report: dict) -> dict:
+    """A report without its per-example rows (for printing and JSON output)."""
+    return {key: value for key, value in report.items() if key != "examples"}
+
+
+def resolve_adapter(name: str) -> str | None:
+    """``"current"`` -> the version serving now (None when the base serves), ``"base"`` -> None."""
+    if name == BASE:
+        return None
+    if name == CURRENT:
+        return adapters.current_version()
+    return name
+
+
+def main(cfg: EvalConfig, serve: ServeConfig | None = None, runner: Runner | None = None) -> dict:
+    """Evaluate one adapter (and, with ``cfg.baselines``, the base and its few-shot prompt)."""
+    from assistant.config import load
+
+    serve = serve or load(ServeConfig, "serve")
+    test = load_test_set(cfg)
+    labeler = labeler_for(test)
+    runner = runner or ModelRunner(serve)
+    adapter = resolve_adapter(cfg.adapter)
+    report = evaluate(runner, test, adapter, serve, labeler, batch_size=cfg.batch_size)
+    if cfg.baselines:
+        report["baselines"] = {
+            BASE: summary(evaluate(runner, test, None, serve, labeler, batch_size=cfg.batch_size)),
+            "few_shot": summary(evaluate(runner, test, None, serve, labeler,
+                                         few_shot_examples(test.train, cfg.few_shot_k, cfg.seed), cfg.batch_size)),
+        }
+    return report
+
+
+def record_report(db, report: dict, role: str, run_id: int | None = None) -> int:
+    """Store a report in ``eval_reports`` (``role``: base, current, candidate, few_shot or manual)."""
+    return db["eval_reports"].insert(
+        {
+            "run_id": run_id,
+            "role": role,
+            "adapter": report["adapter"],
+            "dataset": report["dataset"],
+            "n": report["n"],
+            "f1": report["f1"],
+            "label_f1": report["label_f1"],
+            "answer_f1": report["answer_f1"],
+            "rouge_l": report["rouge_l"],
+            "bleu": report["bleu"],
+            "latency_s": report["latency_s"],
+            "tokens_per_answer": report["tokens_per_answer"],
+            "prompt_tokens": report["prompt_tokens"],
+            "perplexity": report["perplexity"],
+            "report": json.dumps(report),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    ).last_pk

@@ -1,0 +1,155 @@
+"""The promotion gate: a candidate adapter replaces the one in service only when it measurably wins.
+
+Three checks, all required, each written down as a reason whether it passes or fails:
+
+1. **Gain**: candidate F1 >= incumbent F1 + ``min_delta`` (the incumbent is the current adapter, or
+   the base model before the first promotion).
+2. **Not noise**: a paired bootstrap over the test examples finds the candidate no better in at most
+   ``max_p_not_better`` of the resamples.
+3. **No forgetting**: perplexity on general (non-domain) text rises by at most ``max_perplexity_ratio``.
+
+Every decision is stored in ``gate_decisions`` with its reasons and metrics, rejections included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import sqlite_utils
+
+from assistant import paths
+from assistant.config import check
+from evals import metrics
+
+DEFAULT_PACK = "peach_state_bank"
+
+
+@dataclass
+class GateConfig:
+    min_delta: float = 0.01
+    """Least F1 gain over the adapter in service (or the base model) for a promotion."""
+    max_p_not_better: float = 0.1
+    """Largest share of bootstrap resamples in which the candidate may be no better (0.1 = 90% sure)."""
+    max_perplexity_ratio: float = 1.25
+    """Largest allowed rise of perplexity on general text, candidate / incumbent (forgetting check)."""
+    bootstrap_samples: int = 1000
+    """Resamples of the paired bootstrap."""
+    seed: int = 0
+    """Seed of the bootstrap resampling."""
+    general_text: str = ""
+    """File of general (non-domain) text, one passage per line; empty = the shipped pack's general.txt."""
+    general_limit: int = 40
+    """Passages of the general text used for perplexity (the first N)."""
+
+    def __post_init__(self) -> None:
+        check(-1.0 <= self.min_delta <= 1.0, "min_delta must be between -1 and 1 (F1 is in [0, 1])")
+        check(0.0 <= self.max_p_not_better <= 1.0, "max_p_not_better must be between 0 and 1")
+        check(self.max_perplexity_ratio >= 1.0, "max_perplexity_ratio must be at least 1.0 (1.25 allows a 25% rise)")
+        check(10 <= self.bootstrap_samples <= 100_000, "bootstrap_samples must be between 10 and 100000")
+        check(1 <= self.general_limit <= 10_000, "general_limit must be between 1 and 10000")
+
+
+@dataclass
+class Decision:
+    """The gate's verdict on one candidate."""
+
+    promote: bool
+    reasons: list[str]
+    """One line per check, passed or failed, in the order checked."""
+    metrics: dict = field(default_factory=dict)
+    """F1s, delta, bootstrap p and interval, perplexities and their ratio."""
+
+
+def general_texts(cfg: GateConfig) -> list[str]:
+    """The passages the forgetting check measures perplexity on."""
+    file = Path(cfg.general_text).expanduser() if cfg.general_text else paths.pack_dir(DEFAULT_PACK) / "general.txt"
+    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{file} holds no general text; the forgetting check needs some")
+    return lines[: cfg.general_limit]
+
+
+def decide_promotion(candidate: dict, incumbent: dict, cfg: GateConfig) -> Decision:
+    """Compare two evaluation reports of the same test examples (see :func:`evals.evaluate.evaluate`).
+
+    Both need ``perplexity`` measured on the same general text.
+    """
+    ids_c = [row["id"] for row in candidate["examples"]]
+    ids_i = [row["id"] for row in incumbent["examples"]]
+    if ids_c != ids_i:
+        raise ValueError("the candidate and incumbent reports cover different test examples; evaluate both on the same set")
+    if candidate["metric"] != incumbent["metric"]:
+        raise ValueError(f"the reports use different gate metrics ({candidate['metric']} vs {incumbent['metric']})")
+    if candidate.get("perplexity") is None or incumbent.get("perplexity") is None:
+        raise ValueError("the forgetting check needs perplexity on general text for both candidate and incumbent")
+    who = incumbent["adapter"] or "the base model"
+    metric = candidate["metric"]
+    delta = candidate["f1"] - incumbent["f1"]
+    if metric == "label_f1":
+        truth = [row["label"] for row in candidate["examples"]]
+        boot = metrics.bootstrap_gain(
+            metrics.macro_f1, truth,
+            [row["predicted_label"] for row in incumbent["examples"]],
+            [row["predicted_label"] for row in candidate["examples"]],
+            n=cfg.bootstrap_samples, seed=cfg.seed,
+        )
+    else:
+        boot = metrics.bootstrap_gain(
+            metrics.mean_score, None,
+            [row["answer_f1"] for row in incumbent["examples"]],
+            [row["answer_f1"] for row in candidate["examples"]],
+            n=cfg.bootstrap_samples, seed=cfg.seed,
+        )
+    ratio = candidate["perplexity"] / incumbent["perplexity"]
+
+    gain_ok = delta >= cfg.min_delta - 1e-12  # equal-to-the-threshold gains pass despite float rounding
+    noise_ok = boot["p_not_better"] <= cfg.max_p_not_better
+    forget_ok = ratio <= cfg.max_perplexity_ratio
+    reasons = [
+        f"{'PASS' if gain_ok else 'FAIL'} gain: {metric} {candidate['f1']:.3f} vs {incumbent['f1']:.3f} ({who}), "
+        f"delta {delta:+.3f} {'>=' if gain_ok else '<'} min_delta {cfg.min_delta:.3f}",
+        f"{'PASS' if noise_ok else 'FAIL'} not noise: paired bootstrap ({cfg.bootstrap_samples} resamples, "
+        f"n={candidate['n']}) p_not_better {boot['p_not_better']:.3f} {'<=' if noise_ok else '>'} "
+        f"{cfg.max_p_not_better:.3f}, 95% CI of delta [{boot['ci_low']:+.3f}, {boot['ci_high']:+.3f}]",
+        f"{'PASS' if forget_ok else 'FAIL'} no forgetting: general-text perplexity {candidate['perplexity']:.2f} vs "
+        f"{incumbent['perplexity']:.2f}, ratio {ratio:.3f} {'<=' if forget_ok else '>'} {cfg.max_perplexity_ratio:.3f}",
+    ]
+    return Decision(
+        promote=gain_ok and noise_ok and forget_ok,
+        reasons=reasons,
+        metrics={
+            "metric": metric,
+            "candidate_f1": candidate["f1"],
+            "incumbent_f1": incumbent["f1"],
+            "delta": delta,
+            "p_not_better": boot["p_not_better"],
+            "ci_low": boot["ci_low"],
+            "ci_high": boot["ci_high"],
+            "candidate_perplexity": candidate["perplexity"],
+            "incumbent_perplexity": incumbent["perplexity"],
+            "perplexity_ratio": ratio,
+            "n": candidate["n"],
+        },
+    )
+
+
+def record_decision(
+    db: sqlite_utils.Database, decision: Decision, candidate: str, incumbent: str | None, cfg: GateConfig,
+    run_id: int | None = None,
+) -> int:
+    """Store a decision (promotion or rejection) with its reasons; returns its row id."""
+    return db["gate_decisions"].insert(
+        {
+            "run_id": run_id,
+            "candidate": candidate,
+            "incumbent": incumbent,
+            "promote": int(decision.promote),
+            "reasons": json.dumps(decision.reasons),
+            "metrics": json.dumps(decision.metrics),
+            "config": json.dumps(asdict(cfg)),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    ).last_pk

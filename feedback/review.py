@@ -1,0 +1,121 @@
+"""What the staff view shows about retraining, and the blind side-by-side human review.
+
+The tables are created and filled by the evaluation side (``evals.schema``: ``retrain_runs``,
+``gate_decisions``, ``eval_reports``, ``review_pairs``, ``review_marks``); this module only reads
+them and stores staff marks, so the app can use it without importing ``evals``. Before the first
+retrain the tables do not exist yet and every reader returns "nothing yet".
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlite_utils
+
+from assistant import paths
+
+F1_HISTORY_PNG = "f1_history.png"
+
+
+class ReviewError(ValueError):
+    """A review mark is refused; the message says why."""
+
+
+def _has(db: sqlite_utils.Database, *tables: str) -> bool:
+    names = set(db.table_names())
+    return all(table in names for table in tables)
+
+
+def last_decision(db: sqlite_utils.Database) -> dict | None:
+    """The newest gate decision: ``{"candidate", "incumbent", "promote", "reasons", "metrics", "created_at"}``."""
+    if not _has(db, "gate_decisions"):
+        return None
+    rows = list(db.query("select * from gate_decisions order by id desc limit 1"))
+    if not rows:
+        return None
+    row = rows[0]
+    return {
+        "candidate": row["candidate"],
+        "incumbent": row["incumbent"],
+        "promote": bool(row["promote"]),
+        "reasons": json.loads(row["reasons"]),
+        "metrics": json.loads(row["metrics"]),
+        "created_at": row["created_at"],
+    }
+
+
+def decision_text(decision: dict | None) -> str:
+    """The decision as a few lines of plain text for the staff view."""
+    if decision is None:
+        return "No retrain has run yet."
+    verdict = "promoted" if decision["promote"] else "rejected"
+    head = f"{decision['candidate']} {verdict} at {decision['created_at']} (against {decision['incumbent'] or 'the base model'})"
+    return "\n".join([head] + [f"- {reason}" for reason in decision["reasons"]])
+
+
+def f1_history(db: sqlite_utils.Database) -> list[dict]:
+    """Gate F1 of every evaluated system, oldest first: ``{"created_at", "role", "adapter", "f1", "run_id"}``."""
+    if not _has(db, "eval_reports"):
+        return []
+    return list(db.query(
+        "select created_at, role, coalesce(adapter, 'base') as adapter, f1, run_id from eval_reports order by id"
+    ))
+
+
+def f1_history_png() -> Path | None:
+    """The F1-across-versions plot the last report wrote, if any."""
+    file = paths.reports_dir() / F1_HISTORY_PNG
+    return file if file.exists() else None
+
+
+def next_pair(db: sqlite_utils.Database, staff_user: str) -> dict | None:
+    """The oldest review pair ``staff_user`` has not marked both sides of, without adapter names
+    (the review is blind): ``{"pair_id", "question", "left", "right"}``; None when all are done."""
+    if not _has(db, "review_pairs", "review_marks"):
+        return None
+    rows = list(db.query(
+        """
+        select p.id, p.question, p.left_answer, p.right_answer from review_pairs p
+        where (select count(*) from review_marks m where m.pair_id = p.id and m.staff_user = ?) < 2
+        order by p.id limit 1
+        """,
+        [staff_user],
+    ))
+    if not rows:
+        return None
+    row = rows[0]
+    return {"pair_id": row["id"], "question": row["question"], "left": row["left_answer"], "right": row["right_answer"]}
+
+
+def mark_pair(db: sqlite_utils.Database, staff_user: str, pair_id: int, left_helpful: bool, right_helpful: bool) -> None:
+    """Record whether each side was "accurate and helpful"; marking again replaces the earlier marks."""
+    if not staff_user:
+        raise ReviewError("Sign in as staff to review answers.")
+    if pair_id is None:
+        raise ReviewError("Open a pair first (Next pair).")
+    if not _has(db, "review_pairs") or db["review_pairs"].count_where("id = ?", [int(pair_id)]) == 0:
+        raise ReviewError(f"There is no review pair {pair_id}.")
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with db.conn:
+        for side, helpful in (("left", left_helpful), ("right", right_helpful)):
+            db.execute(
+                "insert into review_marks (pair_id, side, staff_user, helpful, created_at) values (?, ?, ?, ?, ?) "
+                "on conflict (pair_id, side, staff_user) do update set helpful = excluded.helpful, created_at = excluded.created_at",
+                [int(pair_id), side, staff_user, int(bool(helpful)), now],
+            )
+
+
+def helpful_shares(db: sqlite_utils.Database) -> list[dict]:
+    """Per adapter: marks received and the share marked accurate and helpful, most marked first."""
+    if not _has(db, "review_pairs", "review_marks"):
+        return []
+    return list(db.query(
+        """
+        select coalesce(case m.side when 'left' then p.left_adapter else p.right_adapter end, 'base') as adapter,
+               count(*) as marks, avg(m.helpful) as helpful_share
+        from review_marks m join review_pairs p on p.id = m.pair_id
+        group by 1 order by marks desc, adapter
+        """
+    ))

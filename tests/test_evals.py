@@ -1,0 +1,178 @@
+"""Evaluation on the tiny model in the served configuration, `tuneloop eval --json`, the report,
+and the blind side-by-side review."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from assistant import adapters, paths
+from assistant.config import ServeConfig
+from evals import evaluate, report, review, schema
+from feedback import review as staff_review
+
+PACK_QA = Path(__file__).resolve().parents[1] / "assistant" / "packs" / "peach_state_bank" / "qa.jsonl"
+
+
+def write_snapshot(version: str = "d0001", train: int = 24, val: int = 8, test: int = 8, offset: int = 0) -> Path:
+    """A dataset snapshot in the documented format, written directly from the pack's Q/A."""
+    rows = [json.loads(line) for line in PACK_QA.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = rows[offset : offset + train + val + test]
+    folder = paths.datasets_dir() / version
+    folder.mkdir(parents=True)
+    splits = {"train": rows[:train], "val": rows[train : train + val], "test": rows[train + val :]}
+    for name, split in splits.items():
+        lines = [json.dumps({"id": f"{name}-{i + offset}", "question": r["question"], "answer": r["answer"],
+                             "label": r["label"], "source": "pack"}) for i, r in enumerate(split)]
+        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "manifest.json").write_text(json.dumps({"version": version, "counts": {k: len(v) for k, v in splits.items()}}))
+    return folder
+
+
+def write_config(tiny_model_dir: Path, extra: str = "") -> None:
+    """Serve (and train) the tiny model on CPU through the config file, as an operator would."""
+    paths.config_file().write_text(
+        f'[serve]\nbase_model = "{tiny_model_dir}"\ndevice = "cpu"\nmax_new_tokens = 8\n'
+        '[train]\nmax_steps = 2\nbatch_size = 8\nmin_train_examples = 4\nprogress = false\n' + extra,
+        encoding="utf-8",
+    )
+
+
+@pytest.fixture
+def tiny_serve(tiny_model_dir) -> ServeConfig:
+    return ServeConfig(base_model=str(tiny_model_dir), quantization="nf4", device="cpu", max_new_tokens=8)
+
+
+def test_base_and_adapter_share_one_loaded_base(tiny_model_dir, tiny_serve):
+    from test_assistant import make_adapter
+
+    version = make_adapter(tiny_model_dir, seed=3)
+    runner = evaluate.ModelRunner(tiny_serve)
+    conversations = [[{"role": "user", "content": q}] for q in ("What is Peach Checking?", "hi", "Do you offer loans?")]
+    before = runner.generate(conversations, None, batch_size=2)
+    tuned = runner.generate(conversations, version, batch_size=2)
+    after = runner.generate(conversations, None, batch_size=3)
+    assert [g.text for g in tuned] != [g.text for g in before]  # the adapter is really applied
+    assert [g.text for g in after] == [g.text for g in before]  # and really switched off again
+    assert all(1 <= g.tokens_out <= 8 and g.prompt_tokens > 0 and g.latency_s > 0 for g in before)
+    # Left padding: a batch of one gives the same greedy answer as inside a batch of three.
+    assert runner.generate(conversations[1:2], None, batch_size=1)[0].text == after[1].text
+    assert runner.perplexity(["The sun rises in the east."], version) != runner.perplexity(["The sun rises in the east."], None)
+
+
+def test_eval_json_keys_on_the_tiny_model(tiny_model_dir, capsys):
+    import cli
+
+    write_config(tiny_model_dir)
+    write_snapshot()
+    assert cli.main(["eval", "--adapter", "base", "--limit", "4", "--json", "--baselines"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert {"f1", "label_f1", "answer_f1", "rouge_l", "bleu", "n", "adapter", "per_label", "latency_s",
+            "tokens_per_answer", "baselines"} <= set(payload)
+    assert payload["n"] == 4 and payload["adapter"] is None and payload["metric"] == "label_f1"
+    assert payload["f1"] == payload["label_f1"] and 0.0 <= payload["f1"] <= 1.0
+    assert payload["baselines"]["few_shot"]["prompt_tokens"] > payload["baselines"]["base"]["prompt_tokens"]
+    # The labeler was fitted once and cached under the home.
+    assert list((paths.home() / "evals" / "labelers").glob("*/labeler.json"))
+    assert schema.connect()["eval_reports"].count == 1
+
+
+def test_eval_reads_a_csv_file_with_named_columns(tiny_model_dir, tmp_path, capsys):
+    import cli
+
+    write_config(tiny_model_dir)
+    file = tmp_path / "extra.csv"
+    file.write_text("q,a\nWhat is Peach Checking?,Peach Checking is an account.\nhi,Hello!\n", encoding="utf-8")
+    assert cli.main(["eval", "--adapter", "base", "--dataset", str(file), "--question-col", "q",
+                     "--answer-col", "a", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["n"] == 2 and payload["metric"] == "answer_f1" and payload["label_f1"] is None
+
+
+def test_few_shot_examples_cover_different_labels():
+    train = [{"question": f"q{i}", "answer": f"a{i}", "label": "x" if i < 10 else "y"} for i in range(12)]
+    shots = evaluate.few_shot_examples(train, 2, seed=0)
+    assert len(shots) == 2
+    labels = {next(r["label"] for r in train if r["question"] == q) for q, _ in shots}
+    assert labels == {"x", "y"}
+
+
+def scripted_reports() -> tuple[dict, dict]:
+    examples = [{"id": i, "question": f"question {i}", "answer": f"ref {i}", "label": "a" if i % 2 else "b"} for i in range(20)]
+    test = evaluate.EvalSet("d0001", examples, [])
+
+    class Echo:
+        def predict(self, texts):
+            return [t.split()[0] for t in texts]
+
+    # The candidate names the right label every time; the base always says "b" (right half the time).
+    right = {f"question {e['id']}": e["label"] for e in examples}
+    runner = evaluate.ScriptedRunner(lambda adapter, q: (right[q] if adapter == "cand" else "b") + " " + q,
+                                     {None: 9.0, "cand": 9.5})
+    cand = evaluate.evaluate(runner, test, "cand", ServeConfig(), Echo(), general_texts=["x"])
+    base = evaluate.evaluate(runner, test, None, ServeConfig(), Echo(), general_texts=["x"])
+    return cand, base
+
+
+def test_blind_review_pairs_marks_and_shares(tuneloop_home):
+    db = schema.connect()
+    cand, base = scripted_reports()
+    review.create_batch(db, cand, base, n=12, seed=1)
+    pairs = list(db["review_pairs"].rows)
+    assert len(pairs) == 12
+    assert {p["left_adapter"] for p in pairs} == {"cand", None}  # sides really are randomized
+    shown = staff_review.next_pair(db, "alice")
+    assert set(shown) == {"pair_id", "question", "left", "right"}  # no adapter names: blind
+    for pair in pairs:
+        left_is_candidate = pair["left_adapter"] == "cand"
+        staff_review.mark_pair(db, "alice", pair["id"], left_helpful=left_is_candidate, right_helpful=not left_is_candidate)
+    assert staff_review.next_pair(db, "alice") is None
+    assert staff_review.next_pair(db, "bob") is not None
+    staff_review.mark_pair(db, "alice", pairs[0]["id"], True, True)  # marking again replaces
+    shares = {s["adapter"]: s for s in staff_review.helpful_shares(db)}
+    assert shares["cand"]["marks"] == 12 and shares["cand"]["helpful_share"] == pytest.approx(1.0)
+    assert shares["base"]["helpful_share"] == pytest.approx(1 / 12)
+    with pytest.raises(staff_review.ReviewError):
+        staff_review.mark_pair(db, "alice", 999, True, True)
+
+
+def test_review_readers_before_any_retrain(tuneloop_home):
+    from feedback.db import connect
+
+    db = connect()  # the feedback tables only: the app may read before any retrain ran
+    assert staff_review.next_pair(db, "alice") is None
+    assert staff_review.helpful_shares(db) == [] and staff_review.f1_history(db) == []
+    assert staff_review.decision_text(staff_review.last_decision(db)) == "No retrain has run yet."
+
+
+def test_report_writes_html_and_pngs(tuneloop_home):
+    from evals import gate
+
+    db = schema.connect()
+    cand, base = scripted_reports()
+    run_id = db["retrain_runs"].insert({"status": "done", "stage": "end", "pid": 1, "started_at": "2026-01-01T00:00:00Z"}).last_pk
+    evaluate.record_report(db, cand, "candidate", run_id)
+    evaluate.record_report(db, base, "base", run_id)
+    decision = gate.decide_promotion(cand, base, gate.GateConfig())
+    gate.record_decision(db, decision, "cand", None, gate.GateConfig(), run_id)
+    review.create_batch(db, cand, base, n=4)
+    staff_review.mark_pair(db, "alice", 1, True, False)
+    folder = adapters.adapter_path("v1")
+    folder.mkdir(parents=True)
+    (folder / adapters.WEIGHTS_FILE).write_bytes(b"x")
+    (folder / "loss_history.json").write_text(json.dumps(
+        {"train": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}], "val": [{"step": 2, "loss": 1.7}], "best_step": 2}))
+
+    result = report.main(report.ReportConfig())
+    page = Path(result["html"]).read_text(encoding="utf-8")
+    assert Path(result["html"]).parent == paths.reports_dir()
+    assert len(result["plots"]) == 3
+    for plot in result["plots"]:
+        assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert Path(plot).name in page
+    assert "PROMOTED" in page and "Answers the candidate fixed (10 shown)" in page
+    assert "the base model" in page and "<li>PASS gain" in page
+    assert staff_review.f1_history_png() is not None
+    assert "helpful share" in page

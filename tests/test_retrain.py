@@ -1,0 +1,124 @@
+"""The nightly job: the lock, no-op without new data, and kill -9 during training followed by a
+run that recovers and promotes (tiny model, snapshot written directly)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import pipeline
+from assistant import adapters, paths
+from evals import schema
+from evals.gate import GateConfig
+from test_evals import write_config, write_snapshot
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_second_run_is_refused_while_one_holds_the_lock(tuneloop_home, capsys):
+    import cli
+
+    with pipeline.retrain_lock():
+        with pytest.raises(pipeline.RetrainBusy, match=f"pid {os.getpid()}"):
+            pipeline.main(pipeline.RetrainConfig())
+        assert cli.main(["retrain"]) == 3
+        assert "another retrain is running" in capsys.readouterr().err
+    assert schema.connect()["retrain_runs"].count == 0  # a refused run records nothing
+
+
+def test_a_stale_lock_from_a_dead_process_is_recovered(tuneloop_home):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (paths.runs_dir() / pipeline.LOCK_FILE).write_text(f"pid {dead.pid} since 2026-01-01T00:00:00Z")
+    with pipeline.retrain_lock():
+        assert (paths.runs_dir() / pipeline.LOCK_FILE).read_text().startswith(f"pid {os.getpid()}")
+
+
+def test_no_new_data_is_a_noop(tuneloop_home, monkeypatch):
+    snapshot = write_snapshot()
+    db = schema.connect()
+    db["retrain_runs"].insert({"status": "done", "stage": "end", "pid": 1, "started_at": "2026-01-01T00:00:00Z",
+                               "dataset": "d0001", "dataset_sha256": paths.sha256_file(snapshot / "manifest.json")})
+    monkeypatch.setattr(pipeline, "train_candidate", lambda *a: pytest.fail("trained without new data"))
+    result = pipeline.main(pipeline.RetrainConfig(dataset=str(snapshot)))
+    assert result["status"] == "noop" and result["candidate"] is None and not result["promoted"]
+    assert "no new data" in result["reasons"][0]
+    assert [r["status"] for r in schema.connect()["retrain_runs"].rows] == ["done", "noop"]
+
+
+def test_a_failed_step_marks_the_run_failed(tuneloop_home, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pipeline, "train_candidate", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        pipeline.main(pipeline.RetrainConfig(dataset=str(write_snapshot())))
+    row = next(schema.connect()["retrain_runs"].rows)
+    assert row["status"] == "failed" and row["stage"] == "train" and "disk full" in row["error"]
+
+
+def _wait_for_stage(stage: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the retrain process ended before it reached training"
+        db = schema.connect()
+        if db["retrain_runs"].count_where("stage = ?", [stage]):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the retrain never reached stage {stage!r}")
+
+
+def test_kill_during_training_keeps_the_adapter_serving_and_the_next_run_recovers(tiny_model_dir, tuneloop_home):
+    from test_assistant import make_adapter
+
+    write_config(tiny_model_dir, "[gate]\ngeneral_limit = 5\n")
+    snapshot = write_snapshot()
+    serving = make_adapter(tiny_model_dir, seed=5)
+    adapters.set_current(serving, "in service before the retrain")
+
+    # A long training run in its own process group, killed with SIGKILL (pipeline and trainer child).
+    code = ("import pipeline, sys; from trainer.config import TrainConfig; "
+            f"pipeline.main(pipeline.RetrainConfig(dataset={str(snapshot)!r}), TrainConfig(max_steps=100000, min_train_examples=4, progress=False))")
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_stage("train", process)
+        time.sleep(3)  # into the trainer child's model load / first steps
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    assert adapters.current_version() == serving
+    assert adapters.list_versions() == [serving]  # no half-written candidate is visible
+    killed = next(schema.connect()["retrain_runs"].rows)
+    assert killed["status"] == "running" and killed["stage"] == "train"
+
+    # The next run takes over the stale lock, marks the killed run failed and retrains the same
+    # snapshot (the killed run never finished on it). A permissive gate makes the promotion certain.
+    gate = GateConfig(min_delta=-1.0, max_p_not_better=1.0, max_perplexity_ratio=1e9, general_limit=5)
+    result = pipeline.main(pipeline.RetrainConfig(dataset=str(snapshot), review_samples=4), gate=gate)
+    assert result["status"] == "done" and result["interrupted_runs"] == [killed["id"]]
+    assert result["promoted"] and adapters.current_version() == result["candidate"] != serving
+    assert set(result["f1"]) == {"base", "current", "candidate", "few_shot"}
+    assert all(0.0 <= value <= 1.0 for value in result["f1"].values())
+
+    db = schema.connect()
+    assert [r["status"] for r in db["retrain_runs"].rows] == ["failed", "done"]
+    decision = next(db["gate_decisions"].rows)
+    assert decision["promote"] == 1 and decision["incumbent"] == serving and len(json.loads(decision["reasons"])) == 3
+    assert {r["role"] for r in db["eval_reports"].rows} == {"base", "current", "candidate", "few_shot"}
+    assert db["review_pairs"].count == 4
+    assert (adapters.adapter_path(result["candidate"]) / "eval_report.json").exists()
+    assert (paths.reports_dir() / "report.html").exists()
+
+    # Same snapshot again: nothing new, nothing trained; rollback restores the adapter that served before.
+    assert pipeline.main(pipeline.RetrainConfig(dataset=str(snapshot)))["status"] == "noop"
+    adapters.rollback("test")
+    assert adapters.current_version() == serving
