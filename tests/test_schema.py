@@ -30,7 +30,9 @@ def test_reapplying_migrations_changes_nothing(tuneloop_home):
     from evals import schema as evals_schema
     from feedback import db as feedback_db
 
-    file = tuneloop_home / "feedback.db"
+    from assistant import paths
+
+    file = paths.feedback_db()
     first = current_schema(file)
     db = feedback_db.connect(file)
     evals_schema.apply(db)
