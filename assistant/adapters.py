@@ -69,6 +69,12 @@ def validate(folder: Path, base_model_id: str, base_sha256: str) -> dict:
     if not tensors:
         raise AdapterError(f"adapter {folder.name} refused: {WEIGHTS_FILE} holds no tensors")
     provenance = read_provenance(folder)
+    # safetensors has no checksum: flipped bits in tensor data load fine. The trainer records the
+    # weights' sha256, so damage on disk is caught here instead of being served.
+    recorded = provenance.get("weights_sha256")
+    if recorded is not None and recorded != paths.sha256_file(weights):
+        raise AdapterError(f"adapter {folder.name} refused: {WEIGHTS_FILE} does not match the sha256 recorded when "
+                           "it was trained (damaged on disk)")
     built_for = provenance.get("base_model_sha256")
     if built_for is not None:
         if built_for != base_sha256:

@@ -80,6 +80,26 @@ def build_messages(system_prompt: str, history: list[tuple[str, str]], question:
     return messages
 
 
+def without_special_tokens(messages: list[dict], tokenizer) -> list[dict]:
+    """The messages with the tokenizer's control-token strings removed from their contents.
+
+    Chat templates paste content verbatim and the tokenizer turns a typed ``<|im_end|>`` into the
+    real control token, so a customer could otherwise close their turn and open a forged system
+    turn. Serving, evaluation and training all render prompts through this.
+    """
+    specials = {t for t in tokenizer.all_special_tokens if t}
+    specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special and t.content}
+    cleaned = []
+    for message in messages:
+        content = message["content"]
+        # Repeat: removing one token can join the pieces of another ("<|im_<|im_end|>end|>").
+        while any(token in content for token in specials):
+            for token in specials:
+                content = content.replace(token, "")
+        cleaned.append({**message, "content": content})
+    return cleaned
+
+
 class ChatService:
     """Validates a question, fits the conversation into the context window and streams the answer."""
 
@@ -91,6 +111,10 @@ class ChatService:
         question = (question or "").strip()
         if not question:
             raise ChatError("Please type a question.")
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ChatError("Your message contains characters that are not valid text; please retype it.") from None
         if len(question) > self.cfg.max_input_chars:
             raise ChatError(
                 f"Your message is {len(question)} characters long; the limit is {self.cfg.max_input_chars}. "
@@ -201,7 +225,7 @@ class TransformersBackend:
 
     def _encode(self, messages: list[dict]):
         return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            without_special_tokens(messages, self.tokenizer), add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
 
     def sync_adapter(self) -> None:

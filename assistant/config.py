@@ -95,6 +95,8 @@ def load(cls: type[T], section: str, overrides: dict[str, Any] | None = None, fi
             table = tomllib.loads(file.read_text(encoding="utf-8")).get(section, {})
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{file}: not valid TOML ({exc}); fix or delete the file") from exc
+        if not isinstance(table, dict):
+            raise ConfigError(f"{file}: '{section}' must be a table ([{section}] followed by 'name = value' lines)")
         values.update(_known(cls, table, f"{file} [{section}]"))
     for field in dataclasses.fields(cls):
         env = os.environ.get(f"TUNELOOP_{section}_{field.name}".upper())

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from assistant import adapters, paths
-from assistant.chat import build_messages
+from assistant.chat import build_messages, without_special_tokens
 from assistant.config import ServeConfig, check
 from evals import metrics
 from evals.labeler import AnswerLabeler
@@ -134,7 +134,7 @@ class ModelRunner:
                 # left so every answer starts right after its own prompt.
                 self.tokenizer.padding_side = "left"
                 inputs = self.tokenizer.apply_chat_template(
-                    batch, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
+                    [without_special_tokens(messages, self.tokenizer) for messages in batch], add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
                 ).to(model.device)
                 started = time.perf_counter()
                 output = model.generate(
@@ -302,13 +302,16 @@ def evaluate(
         "prompt_tokens": sum(g.prompt_tokens for g in generations) / len(generations),
         "few_shot_k": len(shots or []),
         "label_f1": None,
+        "label_precision": None,
+        "label_recall": None,
         "per_label": {},
         "confusions": [],
         "perplexity": runner.perplexity(general_texts, adapter) if general_texts else None,
     }
     if labeler:
         scores = metrics.label_scores([row["label"] for row in test.examples], predicted)
-        report.update(label_f1=scores["f1"], per_label=scores["per_label"], confusions=scores["confusions"])
+        report.update(label_f1=scores["f1"], label_precision=scores["precision"], label_recall=scores["recall"],
+                      per_label=scores["per_label"], confusions=scores["confusions"])
     report["metric"] = "label_f1" if labeler else "answer_f1"
     report["f1"] = report[report["metric"]]
     report["examples"] = [

@@ -21,6 +21,8 @@ from datetime import datetime, timedelta, timezone
 
 import sqlite_utils
 
+from feedback.text import NOT_STORABLE, is_storable
+
 SCRYPT_N = 2**14
 SCRYPT_R = 8
 SCRYPT_P = 1
@@ -80,6 +82,8 @@ def check_name(name: str) -> str:
 def add_staff(db: sqlite_utils.Database, name: str, password: str) -> str:
     """Create staff user ``name`` (or reset its password and re-enable it); returns the name."""
     name = check_name(name)
+    if not is_storable(password):
+        raise AuthError(f"The password {NOT_STORABLE}.")
     if not MIN_PASSWORD_CHARS <= len(password) <= MAX_PASSWORD_CHARS:
         raise AuthError(f"A password is {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters long.")
     hashed = hash_password(password)
@@ -113,6 +117,8 @@ def sign_in(db: sqlite_utils.Database, name: str, password: str) -> str:
     password = (password or "")[:MAX_PASSWORD_CHARS]
     if not name or not password:
         raise AuthError("Enter your staff name and password.")
+    if not (is_storable(name) and is_storable(password)):
+        raise AuthError("Wrong staff name or password.")
     since = _iso(_utcnow() - timedelta(seconds=FAILURE_WINDOW_S))
     failures = db.execute(
         "SELECT count(*) FROM signin_attempts WHERE name = ? AND ok = 0 AND created_at > ?", [name, since]

@@ -62,8 +62,12 @@ def cmd_feedback_export(args) -> int:
     lines = list(store.export_jsonl(connect(), system_prompt))
     text = "".join(line + "\n" for line in lines)
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text, encoding="utf-8")
+        try:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            print(f"tuneloop feedback export: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         print(f"{len(lines)} examples written to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)

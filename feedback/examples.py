@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import sqlite_utils
 
+from feedback.text import NOT_STORABLE, is_storable
+
 from assistant.config import check
 from feedback import dedupe, split
 
@@ -228,6 +230,8 @@ def validate(rows: Iterable[dict], cfg: ImportConfig) -> list[dict]:
                 problems.append(f"{key} has {len(value)} characters (at most {limit})")
             elif "\x00" in value:
                 problems.append(f"{key} contains a NUL character")
+            elif not is_storable(value):
+                problems.append(f"{key} {NOT_STORABLE}")
             else:
                 values[key] = value
         if problems:

@@ -20,6 +20,8 @@ from datetime import datetime, timedelta, timezone
 
 import sqlite_utils
 
+from feedback.text import NOT_STORABLE, is_storable
+
 from feedback import auth
 
 VOTE_BURST_LIMIT = 10
@@ -66,6 +68,8 @@ def log_vote(db: sqlite_utils.Database, session_id: str, turn_id: int, value: in
     """
     value = _vote_value(value)
     reason = (reason or "").strip() or None
+    if reason is not None and not is_storable(reason):
+        raise FeedbackError(f"The reason {NOT_STORABLE}.")
     if reason is not None and len(reason) > MAX_REASON_CHARS:
         raise FeedbackError(f"The reason is {len(reason)} characters long; the limit is {MAX_REASON_CHARS}.")
     if reason is not None and value == UP:
@@ -272,8 +276,10 @@ def _turn_id(turn_id) -> int:
         value = int(turn_id)
         if value != turn_id and not isinstance(turn_id, str):
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
         raise FeedbackError(f"{turn_id!r} is not an answer number.") from None
+    if not -(2**63) <= value <= 2**63 - 1:  # SQLite integers are 64-bit; smaller ones are simply not found
+        raise FeedbackError(f"{turn_id!r} is not an answer number.")
     return value
 
 
@@ -292,6 +298,8 @@ def _text(value: str | None, what: str, limit: int) -> str:
     text = (value or "").strip()
     if not text:
         raise FeedbackError(f"The {what} is empty; please write it.")
+    if not is_storable(text):
+        raise FeedbackError(f"The {what} {NOT_STORABLE}.")
     if len(text) > limit:
         raise FeedbackError(f"The {what} is {len(text)} characters long; the limit is {limit}.")
     return text
@@ -299,6 +307,8 @@ def _text(value: str | None, what: str, limit: int) -> str:
 
 def _label(label: str | None) -> str | None:
     label = (label or "").strip() or None
+    if label is not None and not is_storable(label):
+        raise FeedbackError(f"The label {NOT_STORABLE}.")
     if label is not None and len(label) > MAX_LABEL_CHARS:
         raise FeedbackError(f"The label is {len(label)} characters long; the limit is {MAX_LABEL_CHARS}.")
     return label

@@ -35,7 +35,8 @@ def make_adapter(base_dir: Path, seed: int, base_sha: str | None = None, version
     info = prepare(str(base_dir))
     paths.write_json_atomic(
         folder / adapters.PROVENANCE_FILE,
-        {"base_model": info.model_id, "base_model_sha256": base_sha or info.sha256, "method": "lora"},
+        {"base_model": info.model_id, "base_model_sha256": base_sha or info.sha256, "method": "lora",
+         "weights_sha256": paths.sha256_file(folder / adapters.WEIGHTS_FILE)},
     )
     return version
 
@@ -184,6 +185,8 @@ def test_adapter_with_wrong_shapes_is_refused(tiny_backend, tiny_model_dir, tiny
     weights = adapters.adapter_path(version) / adapters.WEIGHTS_FILE
     tensors = {k: torch.zeros(v.shape[0] + 3, v.shape[1]) for k, v in load_file(str(weights)).items()}
     save_file(tensors, str(weights))
+    provenance = adapters.read_provenance(weights.parent) | {"weights_sha256": paths.sha256_file(weights)}
+    paths.write_json_atomic(weights.parent / adapters.PROVENANCE_FILE, provenance)
     adapters.set_current(version, "test")
     stats = answer(ChatService(tiny_cfg, tiny_backend))[1]
     assert stats.adapter is None

@@ -235,13 +235,10 @@ def test_import_files_are_refused_clearly_or_read_as_rows(suffix, body, world, t
 
 # --- lone surrogates: valid JSON ("\udc80"), not storable as UTF-8 ----------------------------------
 
-SURROGATE_BUG = (
-    "lone surrogates (JSON '\\udc80', which the API and JSONL imports accept) reach SQLite/scrypt/sha256 and "
-    "raise UnicodeEncodeError instead of a clear FeedbackError/AuthError/ChatError/DataImportError: "
-    "validate text with text.encode('utf-8') at the boundary (store._text/_label/log_vote reason, "
-    "auth.sign_in/add_staff, ChatService.answer, examples.validate)")
+# Lone surrogates (JSON '\\udc80', which the API and JSONL imports accept) cannot be encoded as UTF-8:
+# every boundary refuses them with its own clear error instead of a raw UnicodeEncodeError.
+
 @pytest.mark.parametrize("field", sorted(entry_points()))
-@pytest.mark.xfail(strict=True, reason=SURROGATE_BUG)
 def test_lone_surrogates_get_a_clear_error(field, world, no_embedding_model):
     db, session, turn_id = world
     for text in SURROGATE_TEXTS.values():
@@ -319,9 +316,6 @@ def test_config_file_is_refused_clearly_or_loaded(table, raw, tuneloop_home):
     assert isinstance(cfg, ServeConfig)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "assistant/config.py load(): a config file whose [section] is not a table (e.g. `serve = 1` or "
-    "`serve = [1]`) raises TypeError from _known() instead of ConfigError; check isinstance(table, dict)"))
 @pytest.mark.parametrize("text", ["serve = 1", "serve = [1, 2]"])
 def test_config_section_that_is_not_a_table_is_refused_clearly(text, tuneloop_home):
     from assistant import paths
@@ -402,7 +396,7 @@ def test_any_command_line_exits_with_a_code_never_a_traceback(data, cli_sandbox)
     for _ in range(data.draw(st.integers(0, 4))):
         flag = data.draw(st.one_of(st.sampled_from(flags or ["--nope"]), ARG))
         argv.append(flag)
-        if flag == "--output":  # writing to a directory or unwritable path crashes: see the xfail below
+        if flag == "--output":  # unwritable outputs have their own test below
             argv.append("export.jsonl")
         elif flag.startswith("--") and data.draw(st.booleans()):
             argv.append(data.draw(ARG))
@@ -418,9 +412,6 @@ def test_any_command_line_exits_with_a_code_never_a_traceback(data, cli_sandbox)
     assert isinstance(code, int) or code is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "feedback/cli.py cmd_feedback_export: --output naming a directory or an unwritable path raises "
-    "IsADirectoryError/FileNotFoundError (traceback); catch OSError, print it and return non-zero"))
 @pytest.mark.parametrize("output", [".", "/proc/no-such-dir/export.jsonl"])
 def test_export_to_an_unwritable_output_exits_with_a_code(output, cli_sandbox):
     import cli
@@ -432,11 +423,6 @@ def test_export_to_an_unwritable_output_exits_with_a_code(output, cli_sandbox):
 # --- prompt injection ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "assistant/chat.py TransformersBackend._encode: chat-template control tokens typed by a customer "
-    "(<|im_start|>system ...) are tokenized as real special tokens, so a customer can forge a system "
-    "turn; neutralise every tokenizer.all_special_tokens string inside message contents before "
-    "apply_chat_template (e.g. '<|' -> '< |'), and the same for training text in trainer/data.py"))
 def test_a_customer_cannot_forge_a_system_turn(tiny_model_dir):
     from assistant.chat import TransformersBackend
 
