@@ -1,0 +1,57 @@
+"""Retraining the adapter: LoRA / QLoRA (or full fine-tuning, for comparison) on a dataset snapshot.
+
+``tuneloop train`` (or :func:`trainer.train.main`, or :func:`trainer.train.train_in_subprocess` for
+the nightly job) loads a fresh base, trains, and writes ``$TUNELOOP_HOME/adapters/<version>/``:
+``adapter_model.safetensors``, ``adapter_config.json``, ``provenance.json`` (base id + sha256,
+method, resolved config, dataset version + manifest sha256, seed, library versions, chat template,
+system prompt), ``train_config.json``, ``dataset_manifest.json``, ``loss_history.json`` and
+``loss_curve.png``. The folder appears whole or not at all; training never promotes it.
+
+Methods
+-------
+- ``qlora`` (default while the server runs nf4): LoRA on the 4-bit nf4 base, the weights it is
+  served with. fp32 compute on CPU, bf16 compute on CUDA (``assistant.model.load_base``).
+- ``lora``: LoRA on the unquantized base (default when the server runs ``quantization = "none"``).
+- ``full``: every weight trains; writes ``model.safetensors`` and ``servable: false`` in the
+  provenance. The server cannot hot-swap a whole model, so ``full`` is for measurement and
+  comparison only (``benchmarks/train.py``).
+
+Every example is the served prompt -- ``assistant.chat.build_messages(system_prompt, [], question)``
+through the base's chat template -- plus the answer; the loss covers the answer and its
+end-of-turn token only.
+
+Learning rate
+-------------
+Defaults (``trainer.config.DEFAULT_LR``), measured on SmolLM2-135M-Instruct: QLoRA r=16/alpha=32 on all
+projections, 200 banking77 examples (answers "This is about <intent>."), batch 8, warmup 5%, linear
+decay; validation loss on 50 held-out examples (the base model: 4.923)::
+
+    lr      steps        val loss   note
+    2e-4    25 (1 epoch)  2.111
+    1e-3    25 (1 epoch)  1.286
+    3e-3    25 (1 epoch)  0.874     the default
+    1e-2    25 (1 epoch)  1.816     unstable: train loss spikes back to ~5
+    3e-3    75 (3 epochs) 0.331     still falling at every validation, no early stop
+
+``lora`` shares the QLoRA rate; ``full`` uses 5e-5 (a usual full fine-tuning rate, not swept).
+
+bitsandbytes and fresh processes
+--------------------------------
+On CPUs with AVX512-BF16, a 4-bit layer that runs in eval mode without gradients repacks its
+weights for an inference-only kernel; backward passes through it then drop gradients silently
+(PyTorch warns "gemv_4bit: an autograd kernel was not registered"). So training always loads its
+own base (``tuneloop train`` is a fresh process; the nightly job uses ``train_in_subprocess``),
+keeps the trainable layout through validation passes, refuses a base that already ran inference,
+and turns that warning into an error.
+
+Scale-out
+---------
+Training is HF Trainer, so data parallelism is its DDP: start the same module on several devices
+and each process trains on its shard, gradients are averaged, rank 0 writes the adapter::
+
+    torchrun --nproc_per_node 8 -m trainer.train --config-json cfg.json --result-json result.json
+    accelerate launch --num_processes 8 -m trainer.train --config-json cfg.json
+
+(``cfg.json`` is a JSON object of ``TrainConfig`` fields; ``batch_size`` is per device.) On CPU the
+processes talk over gloo; a slow test runs two CPU processes this way.
+"""

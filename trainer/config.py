@@ -1,0 +1,112 @@
+"""The training job's config: ``[train]`` in ``config.toml``, ``TUNELOOP_TRAIN_<FIELD>``, ``--field value``.
+
+Fields left empty (``base_model``, ``system_prompt``, ``method``) and ``lr = 0`` are resolved by
+:func:`resolve` from the serve config and the measured defaults, so an adapter is always trained on
+the base, persona and quantization it will be served with. The resolved config is what is written
+beside the adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from assistant.config import ConfigError, ServeConfig, check, load
+
+METHODS = ("qlora", "lora", "full")
+# QLoRA measured on SmolLM2-135M-Instruct with 200 banking77 examples (see trainer/__init__.py);
+# lora shares it; full is the usual full fine-tuning rate, not swept here.
+DEFAULT_LR = {"qlora": 3e-3, "lora": 3e-3, "full": 5e-5}
+ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclass
+class TrainConfig:
+    base_model: str = ""
+    """Base model id or folder; empty = the serve config's base_model (an adapter only fits its own base)."""
+    method: str = ""
+    """"qlora" (4-bit nf4 base), "lora" (unquantized base) or "full" (all weights; measurement only); empty = qlora when serving nf4, else lora."""
+    device: str = "auto"
+    """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
+    system_prompt: str = ""
+    """System message of every training example; empty = the serve config's system_prompt."""
+    dataset: str = ""
+    """Dataset snapshot folder (train/val/test.jsonl + manifest.json); empty = the latest under $TUNELOOP_HOME/datasets."""
+    epochs: float = 3.0
+    """Passes over the training split (fractions allowed)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps; 0 = run all epochs."""
+    batch_size: int = 8
+    """Examples per optimizer step and device (before gradient accumulation)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 0.0
+    """Peak learning rate; 0 = the measured default for the method (qlora/lora 3e-3, full 5e-5)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.05
+    """Fraction of the steps spent warming the learning rate up linearly from 0."""
+    lr_scheduler: str = "linear"
+    """Learning-rate schedule after warmup: "linear", "cosine" or "constant"."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: str = ALL_PROJECTIONS
+    """Comma-separated module names that get LoRA: all attention and MLP projections by default."""
+    max_length: int = 512
+    """Longest example in tokens (chat template included); longer examples are skipped and counted."""
+    eval_steps: int = 0
+    """Validate every this many steps; 0 = once per epoch."""
+    patience: int = 2
+    """Validations in a row without a lower val loss before training stops; 0 = never stop early."""
+    min_train_examples: int = 16
+    """Refuse to train on fewer training examples than this."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (less padding, more real tokens per second)."""
+    seed: int = 1234
+    """Seed for adapter init, shuffling and dropout: same data and seed give the same adapter on CPU."""
+    progress: bool = True
+    """Show a progress bar with ETA on stderr."""
+
+    def __post_init__(self) -> None:
+        check(self.method in ("",) + METHODS, f"method must be one of {', '.join(METHODS)} (or empty), not {self.method!r}")
+        check(self.device in ("auto", "cpu", "cuda"), f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
+        check(0 < self.epochs <= 100, "epochs must be in (0, 100]")
+        check(self.max_steps >= 0, "max_steps must be 0 (no limit) or positive")
+        check(1 <= self.batch_size <= 1024, "batch_size must be between 1 and 1024")
+        check(1 <= self.grad_accum <= 1024, "grad_accum must be between 1 and 1024")
+        check(0.0 <= self.lr <= 1.0, "lr must be between 0 (method default) and 1")
+        check(0.0 <= self.weight_decay <= 1.0, "weight_decay must be between 0 and 1")
+        check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)")
+        check(self.lr_scheduler in ("linear", "cosine", "constant"), "lr_scheduler must be 'linear', 'cosine' or 'constant'")
+        check(1 <= self.lora_r <= 1024, "lora_r must be between 1 and 1024")
+        check(1 <= self.lora_alpha <= 4096, "lora_alpha must be between 1 and 4096")
+        check(0.0 <= self.lora_dropout < 1.0, "lora_dropout must be in [0, 1)")
+        check(bool(self.target_list()), "target_modules must name at least one module, e.g. q_proj,v_proj")
+        check(16 <= self.max_length <= 32768, "max_length must be between 16 and 32768")
+        check(self.eval_steps >= 0, "eval_steps must be 0 (every epoch) or positive")
+        check(self.patience >= 0, "patience must be 0 (never stop early) or positive")
+        check(self.min_train_examples >= 1, "min_train_examples must be at least 1")
+        check(0 <= self.seed < 2**32, "seed must be between 0 and 2**32 - 1")
+
+    def target_list(self) -> list[str]:
+        return [name.strip() for name in self.target_modules.split(",") if name.strip()]
+
+
+def resolve(cfg: TrainConfig, serve: ServeConfig | None = None) -> TrainConfig:
+    """Fill the empty fields from the serve config and ``lr = 0`` from the measured defaults."""
+    serve = serve or load(ServeConfig, "serve")
+    method = cfg.method or ("qlora" if serve.quantization == "nf4" else "lora")
+    return dataclasses.replace(
+        cfg,
+        base_model=cfg.base_model or serve.base_model,
+        system_prompt=cfg.system_prompt or serve.system_prompt,
+        method=method,
+        lr=cfg.lr or DEFAULT_LR[method],
+    )
+
+
+__all__ = ["TrainConfig", "ConfigError", "resolve", "METHODS", "DEFAULT_LR"]

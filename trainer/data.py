@@ -1,0 +1,137 @@
+"""Training data: read a dataset snapshot, encode each row through the chat template, pad batches.
+
+A snapshot is ``$TUNELOOP_HOME/datasets/<version>/`` (``d0001``, ``d0002``, ...) holding
+``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (rows ``{"id", "question", "answer", "label",
+"source"}``) and ``manifest.json``; the latest is the highest-numbered folder with a manifest.
+The curation side (``feedback``) writes them; the reader here is private until it offers one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from assistant import paths
+from assistant.chat import build_messages
+
+IGNORE = -100
+"""Label value the loss skips (PyTorch's cross-entropy ``ignore_index``)."""
+SPLITS = ("train", "val", "test")
+_SNAPSHOT = re.compile(r"^d(\d+)$")
+
+
+class DatasetError(ValueError):
+    """The dataset is missing, malformed or too small to train on; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A dataset snapshot on disk and what identifies it."""
+
+    version: str
+    """Folder name, e.g. ``d0003``."""
+    path: Path
+    """The snapshot folder."""
+    manifest: dict
+    """Parsed ``manifest.json``."""
+    manifest_sha256: str
+    """Hash of the manifest file's bytes."""
+
+
+def latest_snapshot() -> Path:
+    """The highest-numbered snapshot folder that holds a manifest."""
+    root = paths.datasets_dir()
+    found = sorted(
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _SNAPSHOT.match(p.name)) and (p / "manifest.json").is_file()
+    )
+    if not found:
+        raise DatasetError(f"no dataset snapshot under {root}; run the curation step first, or pass --dataset PATH")
+    return found[-1][1]
+
+
+def open_snapshot(dataset: str = "") -> Snapshot:
+    """The snapshot at ``dataset`` (a folder), or the latest one when empty."""
+    folder = Path(dataset).expanduser() if dataset else latest_snapshot()
+    manifest_file = folder / "manifest.json"
+    if not folder.is_dir():
+        raise DatasetError(f"dataset folder {folder} does not exist")
+    if not manifest_file.is_file():
+        raise DatasetError(f"{folder} is not a dataset snapshot: manifest.json is missing")
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise DatasetError(f"{manifest_file} is not JSON ({exc})") from exc
+    return Snapshot(folder.name, folder.resolve(), manifest, paths.sha256_file(manifest_file))
+
+
+def load_split(folder: Path, split: str) -> list[dict]:
+    """The rows of one split; every row must have a non-empty question and answer."""
+    file = Path(folder) / f"{split}.jsonl"
+    if not file.is_file():
+        raise DatasetError(f"{file} is missing; a snapshot needs {', '.join(s + '.jsonl' for s in SPLITS)}")
+    rows = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise DatasetError(f"{file}:{number}: not JSON ({exc})") from exc
+        if not str(row.get("question") or "").strip() or not str(row.get("answer") or "").strip():
+            raise DatasetError(f"{file}:{number}: row {row.get('id')!r} needs a non-empty question and answer")
+        rows.append(row)
+    return rows
+
+
+def encode_example(tokenizer, system_prompt: str, question: str, answer: str) -> dict:
+    """Token ids of one chat (the served prompt + the answer) with the loss on the answer only.
+
+    Labels are ``IGNORE`` up to the assistant's content and after its end-of-turn token, so the
+    model learns the answer and when to stop, never the persona or the question.
+    """
+    messages = build_messages(system_prompt, [], question)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], return_dict=False)
+    if full[: len(prompt)] != prompt:
+        raise DatasetError("the chat template renders the prompt differently with an answer; cannot mask the loss")
+    completion = full[len(prompt) :]
+    # ChatML-style templates end the turn with the eos token (<|im_end|> for SmolLM2) and then a
+    # newline the model never generates: the loss stops at the end-of-turn token.
+    try:
+        end = completion.index(tokenizer.eos_token_id) + 1
+    except ValueError:
+        raise DatasetError(f"the chat template does not end the assistant turn with {tokenizer.eos_token!r}") from None
+    ids = prompt + completion[:end]
+    labels = [IGNORE] * len(prompt) + completion[:end]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def encode_rows(tokenizer, system_prompt: str, rows: list[dict], max_length: int) -> tuple[list[dict], int]:
+    """Encoded examples of ``rows`` and how many were skipped for exceeding ``max_length``."""
+    encoded = [encode_example(tokenizer, system_prompt, str(r["question"]).strip(), str(r["answer"]).strip()) for r in rows]
+    kept = [e for e in encoded if len(e["input_ids"]) <= max_length]
+    return kept, len(encoded) - len(kept)
+
+
+@dataclass
+class PadCollator:
+    """Pads a batch to its longest example (or to ``pad_to``); padded labels are ``IGNORE``."""
+
+    pad_id: int
+    """Token id used for padding (masked out by the attention mask and the labels)."""
+    pad_to: int | None = None
+    """Pad every batch to this length instead (the naive baseline of the benchmark)."""
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        width = self.pad_to or max(len(f["input_ids"]) for f in features)
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            gap = width - len(f["input_ids"])
+            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_id] * gap)
+            batch["attention_mask"].append(list(f["attention_mask"]) + [0] * gap)
+            batch["labels"].append(list(f["labels"]) + [IGNORE] * gap)
+        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
