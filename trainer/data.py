@@ -2,24 +2,24 @@
 
 A snapshot is ``$TUNELOOP_HOME/datasets/<version>/`` (``d0001``, ``d0002``, ...) holding
 ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (rows ``{"id", "question", "answer", "label",
-"source"}``) and ``manifest.json``; the latest is the highest-numbered folder with a manifest.
-The curation side (``feedback``) writes them; the reader here is private until it offers one.
+"source"}``) and ``manifest.json``, written by :mod:`feedback.curate`; the latest is found by
+:func:`feedback.datasets.latest_snapshot`. The reader here validates every row, so a hand-made or
+damaged snapshot fails with the file and line rather than deep inside training.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from assistant import paths
-from assistant.chat import build_messages
+from assistant.chat import build_messages, without_special_tokens
+from feedback import datasets
 
 IGNORE = -100
 """Label value the loss skips (PyTorch's cross-entropy ``ignore_index``)."""
 SPLITS = ("train", "val", "test")
-_SNAPSHOT = re.compile(r"^d(\d+)$")
 
 
 class DatasetError(ValueError):
@@ -42,13 +42,10 @@ class Snapshot:
 
 def latest_snapshot() -> Path:
     """The highest-numbered snapshot folder that holds a manifest."""
-    root = paths.datasets_dir()
-    found = sorted(
-        (int(m.group(1)), p) for p in root.iterdir() if (m := _SNAPSHOT.match(p.name)) and (p / "manifest.json").is_file()
-    )
-    if not found:
-        raise DatasetError(f"no dataset snapshot under {root}; run the curation step first, or pass --dataset PATH")
-    return found[-1][1]
+    found = datasets.latest_snapshot()
+    if found is None:
+        raise DatasetError(f"no dataset snapshot under {paths.datasets_dir()}; run `tuneloop curate` first, or pass --dataset PATH")
+    return found
 
 
 def open_snapshot(dataset: str = "") -> Snapshot:
@@ -91,9 +88,10 @@ def encode_example(tokenizer, system_prompt: str, question: str, answer: str) ->
     Labels are ``IGNORE`` up to the assistant's content and after its end-of-turn token, so the
     model learns the answer and when to stop, never the persona or the question.
     """
-    messages = build_messages(system_prompt, [], question)
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], return_dict=False)
+    # Control-token strings are removed from the texts exactly as the server removes them from chats.
+    messages = without_special_tokens(build_messages(system_prompt, [], question) + [{"role": "assistant", "content": answer}], tokenizer)
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=False)
+    full = tokenizer.apply_chat_template(messages, return_dict=False)
     if full[: len(prompt)] != prompt:
         raise DatasetError("the chat template renders the prompt differently with an answer; cannot mask the loss")
     completion = full[len(prompt) :]
