@@ -310,15 +310,16 @@ def _model_section(db: ThreadLocalDB):
     """
     with gr.Row():
         current = gr.Textbox(label="Adapter serving now", interactive=False)
+        run = gr.Textbox(label="Nightly retrain", interactive=False)
     decision = gr.Textbox(label="Last promotion decision", interactive=False, lines=4)
     history = gr.Image(label="F1 across adapter versions", type="filepath", interactive=False, height=320)
 
     def refresh():
         png = review.f1_history_png()
-        return (adapters.current_version() or "none (base model)",
+        return (adapters.current_version() or "none (base model)", review.retrain_text(db.get()),
                 review.decision_text(review.last_decision(db.get())), str(png) if png else None)
 
-    return refresh, [current, decision, history]
+    return refresh, [current, run, decision, history]
 
 
 def _blind_review_section(db: ThreadLocalDB, panel: gr.Column, token: gr.State, staff_name) -> None:

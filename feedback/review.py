@@ -46,6 +46,22 @@ def last_decision(db: sqlite_utils.Database) -> dict | None:
     }
 
 
+def retrain_text(db: sqlite_utils.Database) -> str:
+    """The newest retrain run in one line: running (and at which stage), or how it ended."""
+    if not _has(db, "retrain_runs"):
+        return "No retrain has run yet."
+    rows = list(db.query("select * from retrain_runs order by id desc limit 1"))
+    if not rows:
+        return "No retrain has run yet."
+    run = rows[0]
+    if run["status"] == "running":
+        return f"Run {run['id']} running since {run['started_at']}: {run['stage']} (dataset {run['dataset'] or '...'})"
+    outcome = {1: "promoted", 0: "not promoted"}.get(run["promoted"], "")
+    return (f"Run {run['id']} {run['status']} at {run['finished_at']}"
+            + (f", {run['candidate']} {outcome}" if run["candidate"] else "")
+            + (f" ({run['error']})" if run["error"] else ""))
+
+
 def decision_text(decision: dict | None) -> str:
     """The decision as a few lines of plain text for the staff view."""
     if decision is None:
