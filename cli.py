@@ -167,7 +167,9 @@ def cmd_demo(args) -> int:
     if not args.no_retrain:
         # Its own process: training must start from a freshly loaded base (bitsandbytes 4-bit trap)
         # and must never slow the server's event loop.
-        command = [sys.executable, "-m", "cli", "retrain"]
+        # One epoch: the first adapter promotes within the demo's sitting on a laptop CPU; the nightly
+        # job (`tuneloop retrain`) uses the full recipe from the [train] config.
+        command = [sys.executable, "-m", "cli", "retrain", "--epochs", str(args.retrain_epochs)]
         retrain = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         print(f"tuneloop demo: first retrain started in the background (pid {retrain.pid}); watch its progress "
               "here and in the staff view", flush=True)
@@ -221,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
     p.add_argument("--no-retrain", action="store_true", help="only serve; do not start the background retrain")
+    p.add_argument("--retrain-epochs", type=float, default=1.0, metavar="N",
+                   help="training epochs of the background retrain (default: 1)")
     add_arguments(p, ServeConfig)
     p.set_defaults(handler=cmd_demo)
 
