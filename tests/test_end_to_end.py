@@ -27,7 +27,7 @@ from feedback.db import ThreadLocalDB, connect
 from test_app import free_port
 from trainer.config import TrainConfig
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000), pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")]
 
 LABELS = ["peach_checking", "peach_savings", "wire_transfer", "lien_release", "peach_auto_loan", "out_of_scope"]
 # New questions, in none of the pack's files; each with the pack's answer for its product.
