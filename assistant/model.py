@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -95,16 +94,7 @@ def _prepare_bundled() -> BaseModelInfo:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    # The GGUF reader's own tqdm bar floods logs and test output; tqdm reads TQDM_DISABLE per bar.
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    finally:
-        if previous is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = previous
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # save_pretrained refuses a model whose GGUF quantizer is attached; the weights are already
     # dequantized to fp32, so the quantizer has nothing left to do.
