@@ -173,5 +173,21 @@ def load_base(info: BaseModelInfo, quantization: str, device: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(info.path, **kwargs)
+    if quantization == "nf4":
+        keep_4bit_layout(model)
     model.eval()
     return tokenizer, model
+
+
+def keep_4bit_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference-only kernel.
+
+    On CPUs with AVX512-BF16 a ``Linear4bit`` repacks its weights the first time it runs without
+    gradients. A LoRA adapter attached after that (a hot swap, or evaluation of base then
+    candidate) produces garbage (measured: general-text perplexity 32 -> 11.7 million), and
+    backward passes through the repacked kernel drop gradients. Serving, evaluation and training
+    therefore all keep the standard layout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

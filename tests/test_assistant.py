@@ -252,3 +252,41 @@ def test_default_model_prepares_once_and_answers_in_nf4(tuneloop_home):
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in backend.model.modules())
     text, stats = answer(ChatService(backend.cfg, backend), "What is a lien?")
     assert len(text.split()) >= 3 and stats.tokens_out > 3
+    # After inference the 4-bit weights must still be in the standard layout: an adapter attached
+    # to repacked weights (a hot swap) produced garbage on AVX512-BF16 CPUs.
+    layers = [m for m in backend.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+
+
+
+@pytest.mark.slow
+def test_hot_swapped_adapter_answers_as_a_freshly_loaded_one(tuneloop_home):
+    """On the real model: an adapter attached after the base already answered gives the same answer
+    as one loaded at start. (bitsandbytes' CPU repack of 4-bit weights made a hot-swapped adapter
+    produce garbage; assistant.model.keep_4bit_layout prevents it.)"""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from assistant.model import load_base, prepare
+
+    info = prepare()
+    _, plain = load_base(info, "none", "cpu")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(plain, LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                  init_lora_weights=False))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 2e-3)
+    version = adapters.new_version()
+    folder = adapters.adapter_path(version)
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    paths.write_json_atomic(folder / adapters.PROVENANCE_FILE, {"base_model": info.model_id, "base_model_sha256": info.sha256})
+
+    cfg = ServeConfig(device="cpu", max_new_tokens=16)
+    swapped = TransformersBackend(cfg)
+    answer(ChatService(cfg, swapped), "What is a lien?")
+    adapters.set_current(version, "test")
+    text_swapped, stats = answer(ChatService(cfg, swapped), "How do I open a savings account?")
+    assert stats.adapter == version
+    text_fresh, _ = answer(ChatService(cfg, TransformersBackend(cfg)), "How do I open a savings account?")
+    assert text_swapped == text_fresh

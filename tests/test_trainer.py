@@ -356,6 +356,13 @@ def test_bnb_wrong_gradient_warning_is_an_error():
         warnings.warn("an unrelated warning", UserWarning)
 
 
+def allow_repack(model) -> None:
+    """Undo assistant.model.keep_4bit_layout: bitsandbytes' default on AVX512-BF16 CPUs."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = True
+
+
 def test_refuses_a_4bit_base_that_already_ran_inference(tiny_model_dir):
     from bitsandbytes.functional import has_avx512bf16
 
@@ -364,6 +371,10 @@ def test_refuses_a_4bit_base_that_already_ran_inference(tiny_model_dir):
     if not has_avx512bf16():
         pytest.skip("bitsandbytes repacks 4-bit weights for inference only on CPUs with AVX512-BF16")
     tokenizer, model = base_models.load_base(base_models.prepare(str(tiny_model_dir)), "nf4", "cpu")
+    with torch.no_grad():
+        model(**tokenizer("hello", return_tensors="pt"))
+    disable_cpu_inference_repack(model)  # load_base keeps the trainable layout through inference
+    allow_repack(model)  # a 4-bit model loaded elsewhere, with bitsandbytes' default
     with torch.no_grad():
         model(**tokenizer("hello", return_tensors="pt"))
     with pytest.raises(TrainError, match="freshly loaded base"):
@@ -379,6 +390,7 @@ def test_the_real_wrong_gradient_warning_is_caught(tiny_model_dir):
     if not has_avx512bf16():
         pytest.skip("bitsandbytes repacks 4-bit weights for inference only on CPUs with AVX512-BF16")
     tokenizer, model = base_models.load_base(base_models.prepare(str(tiny_model_dir)), "nf4", "cpu")
+    allow_repack(model)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
     inputs = tokenizer("hello there", return_tensors="pt")
     with torch.no_grad():

@@ -192,8 +192,7 @@ def disable_cpu_inference_repack(model) -> None:
                 "this 4-bit base model already ran inference and bitsandbytes repacked its weights for an "
                 "inference-only kernel; train on a freshly loaded base (tuneloop train, or train_in_subprocess)"
             )
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    base_models.keep_4bit_layout(model)  # load_base did this already; kept here for callers' own models
 
 
 class _RaiseOnTrap(logging.Handler):
