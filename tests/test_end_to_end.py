@@ -25,6 +25,7 @@ from assistant.config import ServeConfig, load
 from feedback import auth, packs
 from feedback.db import ThreadLocalDB, connect
 from test_app import free_port
+from evals.gate import GateConfig
 from trainer.config import TrainConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000), pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")]
@@ -45,7 +46,7 @@ def pack_rows() -> list[dict]:
     random.Random(0).shuffle(rows)
     picked, per_label = [], {label: 0 for label in LABELS}
     for row in rows:
-        if row["label"] in per_label and per_label[row["label"]] < 30:
+        if row["label"] in per_label and per_label[row["label"]] < 50:
             picked.append(row)
             per_label[row["label"]] += 1
     return picked
@@ -56,9 +57,13 @@ def reference_answer(label: str) -> str:
 
 
 def retrain(max_steps: int) -> dict:
+    # About 30 test questions: too few for the production bootstrap bar (p_not_better <= 0.1) to
+    # be met reliably by a real gain, so this test accepts p <= 0.5; min_delta and the forgetting
+    # check are the defaults. tests/test_gate.py covers the bootstrap's rejection of noise.
     result = pipeline.main(
         pipeline.RetrainConfig(review_samples=0, few_shot_k=0),
         train=TrainConfig(max_steps=max_steps, eval_steps=max(10, max_steps // 3), progress=False),
+        gate=GateConfig(max_p_not_better=0.5),
     )
     print("retrain:", json.dumps({k: result.get(k) for k in ("candidate", "promoted", "reasons", "f1")}))
     return result
@@ -77,7 +82,8 @@ def test_the_loop_end_to_end(tuneloop_home, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["imported"] == len(pack_rows())
 
     # 2. The first nightly run promotes an adapter that beats the generic base model.
-    first = retrain(max_steps=45)
+    # A short first night, a longer second one: the second adapter also has the corrections.
+    first = retrain(max_steps=20)
     assert first["promoted"], first["reasons"]
     assert first["f1"]["candidate"] > first["f1"]["base"]
     assert adapters.current_version() == first["candidate"]
@@ -107,7 +113,7 @@ def test_the_loop_end_to_end(tuneloop_home, tmp_path, capsys):
             staff.predict(turn, reference_answer(label), label, api_name="/correct")
 
         # 4. The next run learns the corrections; the server swaps to it without a restart.
-        second = retrain(max_steps=120)
+        second = retrain(max_steps=150)
         assert second["promoted"], second["reasons"]
         changed = 0
         for question in NEW_QUESTIONS.values():
@@ -125,7 +131,7 @@ def test_the_loop_end_to_end(tuneloop_home, tmp_path, capsys):
             if row["label"] in wrong:
                 staff.predict(row["question"], reference_answer(wrong[row["label"]]), wrong[row["label"]],
                               api_name="/add_example")
-        third = retrain(max_steps=120)
+        third = retrain(max_steps=150)
         assert not third["promoted"], third["reasons"]
         assert adapters.current_version() == second["candidate"]
         assert ask(next(iter(NEW_QUESTIONS.values())))[2] == second["candidate"]
