@@ -28,7 +28,7 @@ from test_app import free_port
 from evals.gate import GateConfig
 from trainer.config import TrainConfig
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000), pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(3000), pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")]
 
 LABELS = ["peach_checking", "peach_savings", "wire_transfer", "lien_release", "peach_auto_loan", "out_of_scope"]
 # New questions, in none of the pack's files; each with the pack's answer for its product.
