@@ -93,7 +93,7 @@ def synthetic_adapter(version: str) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from assistant import adapters
+    from assistant import adapters, paths
 
     folder = adapters.adapter_path(version)
     folder.mkdir(parents=True)
@@ -101,6 +101,9 @@ def synthetic_adapter(version: str) -> Path:
     save_file({"base_model.model.layers.0.q_proj.lora_A.weight": torch.randn(4, 64),
                "base_model.model.layers.0.q_proj.lora_B.weight": torch.randn(64, 4)}, str(folder / adapters.WEIGHTS_FILE))
     (folder / adapters.CONFIG_FILE).write_text(json.dumps({"base_model_name_or_path": "bench-base", "r": 4}))
+    # As the trainer writes it: the weights' sha256 is what catches flipped bits.
+    (folder / adapters.PROVENANCE_FILE).write_text(json.dumps(
+        {"base_model": "bench-base", "weights_sha256": paths.sha256_file(folder / adapters.WEIGHTS_FILE)}))
     return folder
 
 
