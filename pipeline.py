@@ -222,12 +222,28 @@ def retrain_lock():
 
 
 def mark_interrupted_runs(db) -> list[int]:
-    """Runs left "running" by a process that died (we hold the lock, so none is really running)."""
-    stale = [row["id"] for row in db["retrain_runs"].rows_where("status = 'running'")]
-    for run_id in stale:
-        db["retrain_runs"].update(run_id, {"status": "failed", "finished_at": _now(),
-                                           "error": "interrupted: the process died before the run finished"})
-    return stale
+    """Runs left "running" by a process that died (we hold the lock, so none is really running).
+
+    A run killed between its pointer flip and its final update did promote: the pointer names its
+    candidate and its own run, and its gate decision is stored. It is recorded as done, so the next
+    run does not retrain the same snapshot; every other interrupted run is recorded as failed.
+    """
+    stale = [row for row in db["retrain_runs"].rows_where("status = 'running'")]
+    pointer = adapters.read_pointer()
+    for row in stale:
+        flipped = (row["stage"] == "promote" and row["candidate"] and pointer.get("version") == row["candidate"]
+                   and str(pointer.get("reason", "")).startswith(f"retrain run {row['id']}:"))
+        decision = next(db["gate_decisions"].rows_where("run_id = ? and promote = 1", [row["id"]]), None) if flipped else None
+        if decision:
+            db["retrain_runs"].update(row["id"], {
+                "status": "done", "stage": "end", "promoted": 1, "finished_at": _now(), "reasons": decision["reasons"],
+                "error": "interrupted after the promotion; recorded by the next run"})
+        else:
+            db["retrain_runs"].update(row["id"], {"status": "failed", "finished_at": _now(),
+                                                  "error": "interrupted: the process died before the run finished"})
+    for folder in paths.remove_stale_staging():
+        log.warning("removed %s, left half-written by a killed process", folder)
+    return [row["id"] for row in stale]
 
 
 def start_run(db, cfg: RetrainConfig, train: TrainConfig, gate: gating.GateConfig, serve: ServeConfig) -> int:

@@ -7,6 +7,7 @@ detach the quantizer once and write a plain safetensors folder under ``$TUNELOOP
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -14,6 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from assistant import paths
 from assistant.config import DEFAULT_BASE_MODEL
@@ -94,7 +96,11 @@ def _prepare_bundled() -> BaseModelInfo:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # transformers' GGUF reader draws its own tqdm bar that disable_progress_bar() does not reach.
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    with mock.patch.object(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=True)):
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # save_pretrained refuses a model whose GGUF quantizer is attached; the weights are already
     # dequantized to fp32, so the quantizer has nothing left to do.
@@ -148,10 +154,20 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_base(info: BaseModelInfo, quantization: str, device: str):
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:  # not Linux: assume not, fp32 is always correct
+        return False
+    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+
+
+def load_base(info: BaseModelInfo, quantization: str, device: str, bf16_compute: bool | None = None):
     """Load tokenizer and model for inference or training, quantized as configured.
 
-    nf4 uses bitsandbytes 4-bit with fp32 compute on CPU and bf16 compute on CUDA.
+    nf4 uses bitsandbytes 4-bit with fp32 compute on CPU and bf16 compute on CUDA; the trainer
+    asks for bf16 compute on CPU too (``bf16_compute=True``) when it trains under bf16 autocast.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -159,14 +175,16 @@ def load_base(info: BaseModelInfo, quantization: str, device: str):
     device = resolve_device(device)
     kwargs: dict = {"device_map": device}
     if quantization == "nf4":
-        compute = torch.bfloat16 if device == "cuda" else torch.float32
+        bf16 = device == "cuda" if bf16_compute is None else bf16_compute
+        compute = torch.bfloat16 if bf16 else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=compute,
             bnb_4bit_use_double_quant=device == "cuda",
         )
-        kwargs["dtype"] = compute
+        # On CPU the unquantized parameters stay fp32 (the trainer's master weights).
+        kwargs["dtype"] = compute if device == "cuda" else torch.float32
     else:
         kwargs["dtype"] = torch.bfloat16 if device == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(info.path)

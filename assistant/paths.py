@@ -10,7 +10,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -60,6 +62,13 @@ def _sub(name: str) -> Path:
     return path
 
 
+def quiet_optional_kernels() -> None:
+    """bitsandbytes tries to fetch optional CPU kernels from a hub when it is imported and logs a
+    warning when it cannot; its built-in kernels serve. Other bitsandbytes warnings stay visible.
+    Call before anything imports bitsandbytes (importing transformers' Trainer does)."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def configure_environment() -> None:
     """Point every library cache into the home and keep them off the network.
 
@@ -76,9 +85,7 @@ def configure_environment() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # bitsandbytes tries to fetch optional CPU kernels from a hub and logs a warning when it cannot;
-    # its built-in kernels serve. Other bitsandbytes warnings stay visible.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    quiet_optional_kernels()
     if os.environ.get("TUNELOOP_OFFLINE", "1") != "0":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -115,6 +122,24 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+STAGING_PATTERNS = {"adapters": ".*.partial", "datasets": ".*.tmp"}
+"""Hidden folders a writer renames into place when done (adapters by the trainer's export,
+snapshots by feedback.datasets); one is left behind only by a process killed mid-write."""
+
+
+def remove_stale_staging(max_age_s: float = 3600.0) -> list[Path]:
+    """Delete staging folders untouched for ``max_age_s``; writers fill them within seconds, so an
+    hour-old one belongs to a killed process. Returns what was removed."""
+    removed = []
+    cutoff = time.time() - max_age_s
+    for sub, pattern in STAGING_PATTERNS.items():
+        for folder in _sub(sub).glob(pattern):
+            if folder.is_dir() and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    return removed
 
 
 def packs_dir() -> Path:

@@ -1,5 +1,6 @@
-"""GPU path check: CUDA 4-bit (nf4, bf16 compute) serving, QLoRA training in its own process, and
-the hot swap of the trained adapter, in one short run. Prints one JSON line per stage and a verdict.
+"""GPU path check: CUDA 4-bit (nf4, bf16 compute) serving, QLoRA training in its own process, the
+hot swap of the trained adapter, and the gate's evaluation (batched generation, few-shot baseline,
+perplexity) on CUDA, in one short run. Prints one JSON line per stage and a verdict.
 
     python benchmarks/gpu_check.py                       # the configured base model
     python benchmarks/gpu_check.py --tiny TOKENIZER_DIR  # a small random Llama with that tokenizer
@@ -54,6 +55,40 @@ def write_snapshot(n_train: int = 96, n_val: int = 24) -> Path:
         (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (folder / "manifest.json").write_text(json.dumps({"version": "d0001", "counts": {k: len(v) for k, v in splits.items()}}))
     return folder
+
+
+def evaluate_on_cuda(cfg, adapter: str, n: int = 16) -> dict:
+    """The evaluation the gate runs, on CUDA: batched left-padded generation of base, few-shot base
+    and candidate on one loaded 4-bit base, and general-text perplexity with and without the adapter.
+    The test rows carry no labels, so answer F1 is the metric (the labeler's embedding model is a
+    package of its own that need not be on a GPU machine)."""
+    import math
+
+    from evals import evaluate
+    from evals.gate import GateConfig, general_texts
+
+    rows = [json.loads(line) for line in (paths.datasets_dir() / "d0001" / "test.jsonl").read_text().splitlines()]
+    test_file = paths.home() / "gpu-check-test.jsonl"
+    test_file.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in rows[:n]))
+    started = time.perf_counter()
+    runner = evaluate.ModelRunner(cfg)
+    report = evaluate.main(evaluate.EvalConfig(adapter=adapter, dataset=str(test_file), baselines=True, few_shot_k=2,
+                                               batch_size=8), serve=cfg, runner=runner)
+    texts = general_texts(GateConfig())[:8]
+    perplexity = {"base": runner.perplexity(texts, None), "candidate": runner.perplexity(texts, adapter)}
+    systems = {"candidate": report, **report["baselines"]}
+    figures = {name: r["answer_f1"] for name, r in systems.items()}
+    return {
+        "stage": "evaluate_cuda",
+        "ok": (runner.model.device.type == "cuda" and report["n"] == n and report["metric"] == "answer_f1"
+               and all(0.0 <= f <= 1.0 for f in figures.values()) and all(math.isfinite(v) for v in perplexity.values())
+               and report["baselines"]["few_shot"]["prompt_tokens"] > report["baselines"]["base"]["prompt_tokens"]),
+        "model_device": str(runner.model.device),
+        "n": report["n"],
+        "answer_f1": {k: round(v, 4) for k, v in figures.items()},
+        "perplexity": {k: round(v, 2) for k, v in perplexity.items()},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def main() -> int:
@@ -119,6 +154,7 @@ def main() -> int:
         text = "".join(stream)
         results.append({"stage": "hot_swap_cuda", "ok": stream.stats.adapter == trained.adapter and backend.last_error is None,
                         "adapter": stream.stats.adapter, "answer_changed": text != base_text, "answer": text[:120]})
+        results.append(evaluate_on_cuda(cfg, trained.adapter))
     except Exception as exc:  # report every stage, then fail
         results.append({"stage": "qlora_train_cuda_subprocess", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
     for item in results:

@@ -17,8 +17,14 @@ def cmd_eval(args) -> int:
     """Score an adapter (or the base model) on a test set in the served configuration."""
     from evals import evaluate, schema
 
+    from feedback.datasets import DatasetError
+
     cfg = from_args(evaluate.EvalConfig, "eval", args, {"baselines": True if args.baselines else None})
-    report = evaluate.main(cfg)
+    try:
+        report = evaluate.main(cfg)
+    except (DatasetError, adapters.AdapterError) as exc:
+        print(f"tuneloop eval: {exc}", file=sys.stderr)
+        return 2
     evaluate.record_report(schema.connect(), report, "manual")
     payload = evaluate.summary(report)
     if args.json:

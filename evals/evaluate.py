@@ -198,7 +198,9 @@ def load_test_set(cfg: EvalConfig) -> EvalSet:
     """The test examples ``cfg`` names, limited to ``cfg.limit``, with their snapshot's train split."""
     target = Path(cfg.dataset).expanduser() if cfg.dataset else datasets.latest_snapshot()
     if target is None:
-        raise FileNotFoundError("no dataset snapshot yet: run `tuneloop retrain` (it curates one) or pass --dataset FILE")
+        raise datasets.DatasetError("no dataset snapshot yet: run `tuneloop retrain` (it curates one) or pass --dataset FILE")
+    if not target.exists():
+        raise datasets.DatasetError(f"{target} does not exist")
     if target.is_dir():
         examples = datasets.load_split(target, "test")
         train = datasets.load_split(target, "train")
@@ -211,21 +213,33 @@ def load_test_set(cfg: EvalConfig) -> EvalSet:
     if cfg.limit:
         examples = examples[: cfg.limit]
     if not examples:
-        raise ValueError(f"{target}: no test examples to evaluate")
+        raise datasets.DatasetError(f"{target}: no test examples to evaluate")
     return EvalSet(name, examples, train)
 
 
 def _read_file(file: Path, cfg: EvalConfig) -> list[dict]:
-    if file.suffix.lower() == ".csv":
-        with open(file, newline="", encoding="utf-8") as handle:
-            raw = list(csv.DictReader(handle))
-    else:
-        raw = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Rows of a CSV or JSONL test file; a bad encoding, line or row fails naming the file and row."""
+    try:
+        if file.suffix.lower() == ".csv":
+            with open(file, newline="", encoding="utf-8") as handle:
+                raw = list(csv.DictReader(handle))
+        else:
+            raw = []
+            for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+                if line.strip():
+                    try:
+                        raw.append(json.loads(line))
+                    except ValueError as exc:
+                        raise datasets.DatasetError(f"{file}:{number}: not JSON ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise datasets.DatasetError(f"{file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     rows = []
     for number, row in enumerate(raw, start=1):
+        if not isinstance(row, dict):
+            raise datasets.DatasetError(f"{file}: row {number} is not an object")
         question, answer = row.get(cfg.question_col), row.get(cfg.answer_col)
         if not question or not answer:
-            raise ValueError(f"{file}: row {number} lacks {cfg.question_col!r} or {cfg.answer_col!r}")
+            raise datasets.DatasetError(f"{file}: row {number} lacks {cfg.question_col!r} or {cfg.answer_col!r}")
         label = row.get(cfg.label_col)
         rows.append({"id": row.get("id", number), "question": str(question), "answer": str(answer),
                      "label": None if label in (None, "") else str(label)})
@@ -333,6 +347,9 @@ def resolve_adapter(name: str) -> str | None:
         return None
     if name == CURRENT:
         return adapters.current_version()
+    if name not in adapters.list_versions():
+        known = ", ".join(adapters.list_versions()) or "none yet"
+        raise adapters.AdapterError(f"no adapter {name!r} (adapters: {known}; or use current / base)")
     return name
 
 
@@ -342,9 +359,9 @@ def main(cfg: EvalConfig, serve: ServeConfig | None = None, runner: Runner | Non
 
     serve = serve or load(ServeConfig, "serve")
     test = load_test_set(cfg)
+    adapter = resolve_adapter(cfg.adapter)
     labeler = labeler_for(test)
     runner = runner or ModelRunner(serve)
-    adapter = resolve_adapter(cfg.adapter)
     report = evaluate(runner, test, adapter, serve, labeler, batch_size=cfg.batch_size)
     if cfg.baselines:
         report["baselines"] = {

@@ -51,12 +51,35 @@ def latest_snapshot() -> Path | None:
     return found[-1] if found else None
 
 
+class DatasetError(ValueError):
+    """A snapshot is missing, malformed or too small to use; the message names the file and line."""
+
+
 def load_split(path: Path | str, split: str) -> list[dict]:
-    """The rows of one split of a snapshot folder, in file order."""
+    """The rows of one split of a snapshot folder, in file order.
+
+    Every row is checked, so a hand-made or damaged snapshot fails here with the file and line
+    rather than deep inside training or evaluation.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-    with open(Path(path) / f"{split}.jsonl", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    file = Path(path) / f"{split}.jsonl"
+    if not file.is_file():
+        raise DatasetError(f"{file} is missing; a snapshot needs {', '.join(s + '.jsonl' for s in SPLITS)}")
+    rows = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise DatasetError(f"{file}:{number}: not JSON ({exc})") from exc
+        if not isinstance(row, dict):
+            raise DatasetError(f"{file}:{number}: expected a JSON object, got {type(row).__name__}")
+        if not str(row.get("question") or "").strip() or not str(row.get("answer") or "").strip():
+            raise DatasetError(f"{file}:{number}: row {row.get('id')!r} needs a non-empty question and answer")
+        rows.append(row)
+    return rows
 
 
 def load_manifest(path: Path | str) -> dict:

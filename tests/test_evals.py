@@ -91,6 +91,30 @@ def test_eval_reads_a_csv_file_with_named_columns(tiny_model_dir, tmp_path, caps
     assert payload["n"] == 2 and payload["metric"] == "answer_f1" and payload["label_f1"] is None
 
 
+def test_eval_refuses_bad_input_with_a_clear_message(tiny_model_dir, tmp_path, capsys):
+    import cli
+
+    write_config(tiny_model_dir)
+    write_snapshot()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "hi", "answer": "hello"}\n{"question": "hi", \n', encoding="utf-8")
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("question,answer\nca\xe7a,non\n".encode("latin-1"))
+    for argv, message in (
+        (["--adapter", "a0042"], "no adapter 'a0042'"),
+        (["--dataset", str(tmp_path / "missing.jsonl")], "does not exist"),
+        (["--dataset", str(broken)], "broken.jsonl:2: not JSON"),
+        (["--dataset", str(latin1)], "is not UTF-8 text"),
+    ):
+        assert cli.main(["eval", *argv]) == 2
+        assert message in capsys.readouterr().err
+    # A damaged snapshot names the file and line.
+    (paths.datasets_dir() / "d0001" / "test.jsonl").write_text('{"id": "x", "question": "", "answer": "a"}\n', encoding="utf-8")
+    assert cli.main(["eval"]) == 2
+    assert "test.jsonl:1: row 'x' needs a non-empty question and answer" in capsys.readouterr().err
+    assert schema.connect()["eval_reports"].count == 0
+
+
 def test_few_shot_examples_cover_different_labels():
     train = [{"question": f"q{i}", "answer": f"a{i}", "label": "x" if i < 10 else "y"} for i in range(12)]
     shots = evaluate.few_shot_examples(train, 2, seed=0)

@@ -53,6 +53,24 @@ def test_no_new_data_is_a_noop(tuneloop_home, monkeypatch):
     assert [r["status"] for r in schema.connect()["retrain_runs"].rows] == ["done", "noop"]
 
 
+def test_half_written_folders_of_killed_writers_are_removed_by_the_next_run(tuneloop_home, monkeypatch):
+    snapshot = write_snapshot()
+    old_adapter = paths.adapters_dir() / ".v20260101-000000-abcd.partial"
+    old_dataset = paths.datasets_dir() / ".d0002.x1y2.tmp"
+    fresh_adapter = paths.adapters_dir() / ".v20261128-000000-ef01.partial"  # a writer at work now
+    for folder in (old_adapter, old_dataset, fresh_adapter):
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"half")
+    for folder in (old_adapter, old_dataset):
+        os.utime(folder, (time.time() - 7200, time.time() - 7200))
+    monkeypatch.setattr(pipeline, "train_candidate", lambda *a: pytest.fail("stop after the start of the run"))
+    with pytest.raises(pytest.fail.Exception):
+        pipeline.main(pipeline.RetrainConfig(dataset=str(snapshot)))
+    assert not old_adapter.exists() and not old_dataset.exists()
+    assert fresh_adapter.exists()
+    assert (paths.datasets_dir() / "d0001").exists() and adapters.list_versions() == []
+
+
 def test_a_failed_step_marks_the_run_failed(tuneloop_home, monkeypatch):
     def broken(*args):
         raise RuntimeError("disk full")

@@ -3,8 +3,9 @@
 A snapshot is ``$TUNELOOP_HOME/datasets/<version>/`` (``d0001``, ``d0002``, ...) holding
 ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (rows ``{"id", "question", "answer", "label",
 "source"}``) and ``manifest.json``, written by :mod:`feedback.curate`; the latest is found by
-:func:`feedback.datasets.latest_snapshot`. The reader here validates every row, so a hand-made or
-damaged snapshot fails with the file and line rather than deep inside training.
+:func:`feedback.datasets.latest_snapshot`. Rows are validated by
+:func:`feedback.datasets.load_split`, so a hand-made or damaged snapshot fails with the file and
+line rather than deep inside training.
 """
 
 from __future__ import annotations
@@ -16,14 +17,10 @@ from pathlib import Path
 from assistant import paths
 from assistant.chat import build_messages, without_special_tokens
 from feedback import datasets
+from feedback.datasets import SPLITS, DatasetError, load_split  # noqa: F401  (the trainer's names for them)
 
 IGNORE = -100
 """Label value the loss skips (PyTorch's cross-entropy ``ignore_index``)."""
-SPLITS = ("train", "val", "test")
-
-
-class DatasetError(ValueError):
-    """The dataset is missing, malformed or too small to train on; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -61,25 +58,6 @@ def open_snapshot(dataset: str = "") -> Snapshot:
     except ValueError as exc:
         raise DatasetError(f"{manifest_file} is not JSON ({exc})") from exc
     return Snapshot(folder.name, folder.resolve(), manifest, paths.sha256_file(manifest_file))
-
-
-def load_split(folder: Path, split: str) -> list[dict]:
-    """The rows of one split; every row must have a non-empty question and answer."""
-    file = Path(folder) / f"{split}.jsonl"
-    if not file.is_file():
-        raise DatasetError(f"{file} is missing; a snapshot needs {', '.join(s + '.jsonl' for s in SPLITS)}")
-    rows = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise DatasetError(f"{file}:{number}: not JSON ({exc})") from exc
-        if not str(row.get("question") or "").strip() or not str(row.get("answer") or "").strip():
-            raise DatasetError(f"{file}:{number}: row {row.get('id')!r} needs a non-empty question and answer")
-        rows.append(row)
-    return rows
 
 
 def encode_example(tokenizer, system_prompt: str, question: str, answer: str) -> dict:

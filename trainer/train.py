@@ -27,10 +27,14 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-import torch
-from transformers import TrainerCallback
+from assistant import paths
 
-from assistant import adapters, paths
+paths.quiet_optional_kernels()  # before transformers' Trainer imports bitsandbytes
+
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from assistant import adapters  # noqa: E402
 from assistant import model as base_models
 from assistant.config import ConfigError
 from trainer import data
@@ -92,6 +96,7 @@ def main(cfg: TrainConfig) -> TrainResult:
     started = time.perf_counter()
     paths.configure_environment()
     cfg = resolve(cfg)
+    cfg = dataclasses.replace(cfg, precision=effective_precision(cfg))  # written beside the adapter as used
     snapshot = data.open_snapshot(cfg.dataset)
     train_rows = data.load_split(snapshot.path, "train")
     val_rows = data.load_split(snapshot.path, "val")
@@ -140,11 +145,21 @@ def _check_sizes(cfg: TrainConfig, snapshot: data.Snapshot, n_train: int, n_val:
         )
 
 
+def effective_precision(cfg: TrainConfig) -> str:
+    """``cfg.precision`` with "auto" decided for the device this run trains on."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    device = base_models.resolve_device(cfg.device)
+    native = torch.cuda.is_bf16_supported() if device == "cuda" else base_models.cpu_has_native_bf16()
+    return "bf16" if native else "fp32"
+
+
 def load_for_training(info: base_models.BaseModelInfo, cfg: TrainConfig):
     """A freshly loaded base, prepared for ``cfg.method``: LoRA-wrapped, or fully trainable."""
     from transformers import set_seed
 
-    tokenizer, model = base_models.load_base(info, "nf4" if cfg.method == "qlora" else "none", cfg.device)
+    tokenizer, model = base_models.load_base(info, "nf4" if cfg.method == "qlora" else "none", cfg.device,
+                                             bf16_compute=effective_precision(cfg) == "bf16")
     if cfg.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -361,7 +376,7 @@ def fit(cfg: TrainConfig, tokenizer, model, train_set: list[dict], val_set: list
             seed=cfg.seed,
             data_seed=cfg.seed,
             use_cpu=not on_cuda,
-            bf16=on_cuda,
+            bf16=effective_precision(cfg) == "bf16",  # autocast; master weights and AdamW stay fp32
             train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
             include_num_input_tokens_seen="non_padding",
             remove_unused_columns=False,

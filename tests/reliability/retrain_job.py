@@ -21,7 +21,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -80,8 +79,8 @@ def promote(snapshot: str, candidate: str, pause: str) -> None:
     os.replace = replace
     pipeline.train_candidate = lambda train, timeout_s: candidate
     pipeline.evaluate = lambda *args, **kwargs: {"candidate": {"f1": 1.0}, "current": {"f1": 0.0}, "base": {"f1": 0.0}}
-    pipeline.gating.decide_promotion = lambda *args, **kwargs: SimpleNamespace(promote=True, reasons=["reliability test"])
-    pipeline.gating.record_decision = lambda *args, **kwargs: None
+    # The real decision record: the next run reads it to close a run killed after the flip.
+    pipeline.gating.decide_promotion = lambda *args, **kwargs: pipeline.gating.Decision(True, ["reliability test"])
     pipeline.main(pipeline.RetrainConfig(dataset=snapshot, force=True, review_samples=0, few_shot_k=0))
 
 

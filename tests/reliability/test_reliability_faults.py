@@ -82,6 +82,10 @@ def test_kill9_mid_promotion_leaves_a_whole_adapter_serving(pause, tuneloop_home
     assert (killed["status"], killed["stage"]) == ("running", "promote")
     with pipeline.retrain_lock():  # the next run takes the lock of the dead one and closes its run
         assert pipeline.mark_interrupted_runs(db) == [killed["id"]]
+    # Killed after the flip, the run did promote: it is closed as done, so the same snapshot is not
+    # retrained; killed before it, the run failed.
+    closed = db["retrain_runs"].get(killed["id"])
+    assert (closed["status"], closed["promoted"]) == (("done", 1) if pause == "after" else ("failed", 0))
     assert integrity_check(paths.feedback_db()) == "ok"
 
 
