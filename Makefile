@@ -41,7 +41,7 @@ test: install browser
 	$(PY) -m pytest -q -p no:cacheprovider -m "not e2e"
 
 test-e2e: install
-	$(PY) -m pytest -q -p no:cacheprovider -m e2e
+	$(PY) -m pytest -q -p no:cacheprovider -m e2e -s
 
 test-fast: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"

@@ -71,7 +71,7 @@ def main() -> int:
                 mark("first streamed chunk")
         _history, _box, turn = job.result()
         mark("first answer complete")
-        db = home / "tuneloop.db"
+        db = home / "feedback.db"  # assistant.paths.feedback_db() of that home
         summary["first_answer"] = answer_row(db, int(turn))
 
         def run_finished() -> dict | None:

@@ -48,7 +48,7 @@ def main() -> int:
     overrides = {k: v for k, v in {"method": args.method, "epochs": args.epochs, "lr": args.lr,
                                    "max_steps": args.max_steps}.items() if v}
     train_started = time.perf_counter()
-    trained = train_in_subprocess(TrainConfig(progress=False, **overrides))
+    trained = train_in_subprocess(TrainConfig(**overrides))  # its progress bar shows on stderr
     train_minutes = (time.perf_counter() - train_started) / 60
     report = evaluate(EvalConfig(adapter=trained.adapter, baselines=True, limit=args.limit))
     rows = {"base model": report["baselines"]["base"], "base + few-shot": report["baselines"]["few_shot"],

@@ -9,9 +9,11 @@ fresh process (a fresh 4-bit base, and a clean peak-RSS reading):
 
 - ``tuneloop``: QLoRA as ``tuneloop train`` runs it: length-grouped batches, each padded to its own
   longest example.
-- ``naive``: the same QLoRA through HF Trainer with shuffled batches, every one padded to the
-  longest example of the data set (a static shape, as ``padding="max_length"`` scripts do; padding
-  to the config's 512 would make the baseline 3x slower still).
+- ``fp32``: the same, with fp32 compute (what ``precision = "auto"`` picks on a CPU without
+  native bf16); separates the batching gain from the precision gain.
+- ``naive``: the same QLoRA through HF Trainer in fp32 with shuffled batches, every one padded to
+  the longest example of the data set (a static shape, as ``padding="max_length"`` scripts do;
+  padding to the config's 512 would make the baseline 3x slower still).
 - ``lora`` and ``full``: tuneloop's batching on the unquantized base (LoRA, full fine-tuning).
 
 Figures: real (non-pad) tokens per second of optimizer-step time, seconds per step, peak RSS,
@@ -19,7 +21,9 @@ trainable parameters, the mean train loss of the last steps and the validation l
 (per answer token, one example at a time, so batching cannot change it), so a faster run that
 learns less would show.
 
-Measured here (``--quick``, 2 shared CPU cores, OMP_NUM_THREADS=1, 2026-11-28), two runs::
+Measured here (``--quick``, 2 shared CPU cores, OMP_NUM_THREADS=1, 2026-11-28), two runs, before
+``precision = "auto"`` existed (every variant then computed in fp32; the ``fp32`` variant and the
+bf16 ``tuneloop`` variant have not been run through this script yet)::
 
     variant  method  trainable     peak RSS  s/step     real tok/s   val loss
     tuneloop qlora     4,884,480   4.9-5.1 GB  5.2-6.0   99-113     1.78
@@ -48,10 +52,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BANKING77 = Path(os.environ.get("TUNELOOP_SHARED_DATA", REPO.parent / "shared" / "data")) / "banking77" / "train.csv"
 VARIANTS = {
-    "tuneloop": {"method": "qlora", "group_by_length": True, "pad_to_max": False},
-    "naive": {"method": "qlora", "group_by_length": False, "pad_to_max": True},
-    "lora": {"method": "lora", "group_by_length": True, "pad_to_max": False},
-    "full": {"method": "full", "group_by_length": True, "pad_to_max": False},
+    "tuneloop": {"method": "qlora", "group_by_length": True, "pad_to_max": False, "precision": "auto"},
+    "fp32": {"method": "qlora", "group_by_length": True, "pad_to_max": False, "precision": "fp32"},
+    "naive": {"method": "qlora", "group_by_length": False, "pad_to_max": True, "precision": "fp32"},
+    "lora": {"method": "lora", "group_by_length": True, "pad_to_max": False, "precision": "auto"},
+    "full": {"method": "full", "group_by_length": True, "pad_to_max": False, "precision": "auto"},
 }
 
 
@@ -68,13 +73,14 @@ def run_variant(name: str, examples: int, val_examples: int, steps: int, batch_s
     from assistant import paths
     from trainer import data
     from trainer.config import TrainConfig, resolve
-    from trainer.train import fit, load_for_training
+    from trainer.train import effective_precision, fit, load_for_training
 
     paths.configure_environment()
     spec = VARIANTS[name]
     cfg = resolve(TrainConfig(
         method=spec["method"], device="cpu", max_steps=steps, epochs=100, batch_size=batch_size,
         group_by_length=spec["group_by_length"], eval_steps=10_000, patience=0, progress=False,
+        precision=spec["precision"],
     ))
     rows = banking77_rows(examples + val_examples)
     tokenizer, model = load_for_training(base_models.prepare(cfg.base_model), cfg)
@@ -88,6 +94,7 @@ def run_variant(name: str, examples: int, val_examples: int, steps: int, batch_s
     return {
         "variant": name,
         "method": cfg.method,
+        "precision": effective_precision(cfg),
         "lr": cfg.lr,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "steps": outcome.steps,
@@ -119,12 +126,12 @@ def token_weighted_loss(model, examples: list[dict]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="64 examples, 8 steps, tuneloop/naive/lora/full (about 5 min)")
+    parser.add_argument("--quick", action="store_true", help="64 examples, 8 steps, every variant (about 5 min)")
     parser.add_argument("--examples", type=int, default=200, help="training examples (banking77)")
     parser.add_argument("--val-examples", type=int, default=32, help="validation examples")
     parser.add_argument("--steps", type=int, default=25, help="optimizer steps per variant")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per step")
-    parser.add_argument("--variants", default="tuneloop,naive,lora,full", help="comma-separated subset of " + ",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args(argv)
@@ -160,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     first = results[0]
     print(f"banking77: {args.examples} train / {args.val_examples} val examples, {args.steps} steps of {args.batch_size}, "
           f"example length mean {first['mean_example']} / longest {first['longest_example']} tokens, threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
-    header = f"{'variant':<9} {'method':<6} {'trainable':>11} {'peak RSS':>9} {'s/step':>7} {'real tok/s':>10} {'train loss':>10} {'val loss':>9}"
+    header = f"{'variant':<9} {'method':<6} {'prec':<5} {'trainable':>11} {'peak RSS':>9} {'s/step':>7} {'real tok/s':>10} {'train loss':>10} {'val loss':>9}"
     print(header)
     for r in results:
-        print(f"{r['variant']:<9} {r['method']:<6} {r['trainable_params']:>11,} {r['peak_rss_mb']:>7} MB {r['s_per_step']:>7.2f} "
+        print(f"{r['variant']:<9} {r['method']:<6} {r['precision']:<5} {r['trainable_params']:>11,} {r['peak_rss_mb']:>7} MB {r['s_per_step']:>7.2f} "
               f"{r['real_tokens_per_s']:>10.1f} {r['final_train_loss']:>10.4f} {r['val_loss']:>9.4f}")
     if "speedup_real_tokens_per_s" in summary:
         print(f"tuneloop vs naive: {summary['speedup_real_tokens_per_s']}x real tokens/s")

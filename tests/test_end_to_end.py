@@ -56,7 +56,7 @@ def reference_answer(label: str) -> str:
     return next(r["answer"] for r in pack_rows() if r["label"] == label)
 
 
-def retrain(max_steps: int) -> dict:
+def retrain(max_steps: int, capsys) -> dict:
     # About 30 test questions: too few for the production bootstrap bar (p_not_better <= 0.1) to
     # be met reliably by a real gain, so this test accepts p <= 0.5; min_delta and the forgetting
     # check are the defaults. tests/test_gate.py covers the bootstrap's rejection of noise.
@@ -65,7 +65,8 @@ def retrain(max_steps: int) -> dict:
         train=TrainConfig(max_steps=max_steps, eval_steps=max(10, max_steps // 3), progress=False),
         gate=GateConfig(max_p_not_better=0.5),
     )
-    print("retrain:", json.dumps({k: result.get(k) for k in ("candidate", "promoted", "reasons", "f1")}))
+    with capsys.disabled():  # the figures show in every run's output, passed or not
+        print("\nretrain:", json.dumps({k: result.get(k) for k in ("candidate", "promoted", "reasons", "f1", "seconds")}))
     return result
 
 
@@ -83,7 +84,7 @@ def test_the_loop_end_to_end(tuneloop_home, tmp_path, capsys):
 
     # 2. The first nightly run promotes an adapter that beats the generic base model.
     # A short first night, a longer second one: the second adapter also has the corrections.
-    first = retrain(max_steps=20)
+    first = retrain(max_steps=20, capsys=capsys)
     assert first["promoted"], first["reasons"]
     assert first["f1"]["candidate"] > first["f1"]["base"]
     assert adapters.current_version() == first["candidate"]
@@ -113,7 +114,7 @@ def test_the_loop_end_to_end(tuneloop_home, tmp_path, capsys):
             staff.predict(turn, reference_answer(label), label, api_name="/correct")
 
         # 4. The next run learns the corrections; the server swaps to it without a restart.
-        second = retrain(max_steps=150)
+        second = retrain(max_steps=150, capsys=capsys)
         assert second["promoted"], second["reasons"]
         changed = 0
         for question in NEW_QUESTIONS.values():
@@ -131,7 +132,7 @@ def test_the_loop_end_to_end(tuneloop_home, tmp_path, capsys):
             if row["label"] in wrong:
                 staff.predict(row["question"], reference_answer(wrong[row["label"]]), wrong[row["label"]],
                               api_name="/add_example")
-        third = retrain(max_steps=150)
+        third = retrain(max_steps=150, capsys=capsys)
         assert not third["promoted"], third["reasons"]
         assert adapters.current_version() == second["candidate"]
         assert ask(next(iter(NEW_QUESTIONS.values())))[2] == second["candidate"]
