@@ -228,7 +228,7 @@ def mark_interrupted_runs(db) -> list[int]:
     candidate and its own run, and its gate decision is stored. It is recorded as done, so the next
     run does not retrain the same snapshot; every other interrupted run is recorded as failed.
     """
-    stale = [row for row in db["retrain_runs"].rows_where("status = 'running'")]
+    stale = list(db["retrain_runs"].rows_where("status = 'running'"))
     pointer = adapters.read_pointer()
     for row in stale:
         flipped = (row["stage"] == "promote" and row["candidate"] and pointer.get("version") == row["candidate"]
