@@ -8,7 +8,9 @@ Every variant trains the default base (SmolLM2-135M-Instruct) on the same bankin
 fresh process (a fresh 4-bit base, and a clean peak-RSS reading):
 
 - ``tuneloop``: QLoRA as ``tuneloop train`` runs it: length-grouped batches, each padded to its own
-  longest example.
+  longest example, the system prompt every example starts with computed once per batch.
+- ``no-prefix``: the same, computing the shared system prompt once per example (separates the
+  prefix-sharing gain).
 - ``fp32``: the same, with fp32 compute (what ``precision = "auto"`` picks on a CPU without
   native bf16); separates the batching gain from the precision gain.
 - ``naive``: the same QLoRA through HF Trainer in fp32 with shuffled batches, every one padded to
@@ -52,11 +54,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BANKING77 = Path(os.environ.get("TUNELOOP_SHARED_DATA", REPO.parent / "shared" / "data")) / "banking77" / "train.csv"
 VARIANTS = {
-    "tuneloop": {"method": "qlora", "group_by_length": True, "pad_to_max": False, "precision": "auto"},
-    "fp32": {"method": "qlora", "group_by_length": True, "pad_to_max": False, "precision": "fp32"},
-    "naive": {"method": "qlora", "group_by_length": False, "pad_to_max": True, "precision": "fp32"},
-    "lora": {"method": "lora", "group_by_length": True, "pad_to_max": False, "precision": "auto"},
-    "full": {"method": "full", "group_by_length": True, "pad_to_max": False, "precision": "auto"},
+    "tuneloop": {"method": "qlora", "group_by_length": True, "pad_to_max": False, "precision": "auto", "share_prefix": True},
+    "no-prefix": {"method": "qlora", "group_by_length": True, "pad_to_max": False, "precision": "auto", "share_prefix": False},
+    "fp32": {"method": "qlora", "group_by_length": True, "pad_to_max": False, "precision": "fp32", "share_prefix": True},
+    "naive": {"method": "qlora", "group_by_length": False, "pad_to_max": True, "precision": "fp32", "share_prefix": False},
+    "lora": {"method": "lora", "group_by_length": True, "pad_to_max": False, "precision": "auto", "share_prefix": True},
+    "full": {"method": "full", "group_by_length": True, "pad_to_max": False, "precision": "auto", "share_prefix": True},
 }
 
 
@@ -87,7 +90,8 @@ def run_variant(name: str, examples: int, val_examples: int, steps: int, batch_s
     train_set, _ = data.encode_rows(tokenizer, cfg.system_prompt, rows[:examples], cfg.max_length)
     val_set, _ = data.encode_rows(tokenizer, cfg.system_prompt, rows[examples:], cfg.max_length)
     longest = max(len(e["input_ids"]) for e in train_set)
-    collator = data.PadCollator(tokenizer.pad_token_id, pad_to=longest if spec["pad_to_max"] else None)
+    collator = data.PadCollator(tokenizer.pad_token_id, pad_to=longest if spec["pad_to_max"] else None,
+                                share_prefix=spec["share_prefix"])
     outcome = fit(cfg, tokenizer, model, train_set, val_set, collator=collator)
     val_loss = token_weighted_loss(model, val_set)
     losses = [e["loss"] for e in outcome.history["train"]]

@@ -133,6 +133,49 @@ def test_collator_pads_each_batch_to_its_longest_example_only():
     assert data.PadCollator(pad_id=2, pad_to=9)([short])["input_ids"].shape == (1, 9)
 
 
+def test_collator_splits_off_the_prefix_every_example_shares_before_the_answer():
+    collate = data.PadCollator(pad_id=2, share_prefix=True)
+    a = {"input_ids": [5, 6, 7, 8, 9], "attention_mask": [1] * 5, "labels": [-100, -100, -100, 8, 9]}
+    b = {"input_ids": [5, 6, 7, 3], "attention_mask": [1] * 4, "labels": [-100, -100, -100, 3]}
+    batch = collate([a, b])
+    # [5, 6, 7] is common, but 7 predicts the first answer token: it stays with each row.
+    assert batch["prefix_ids"].tolist() == [[5, 6]]
+    assert batch["input_ids"].tolist() == [[7, 8, 9], [7, 3, 2]]
+    assert batch["labels"].tolist() == [[-100, 8, 9], [-100, 3, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]  # full width
+    different = {"input_ids": [4, 6, 7, 3], "attention_mask": [1] * 4, "labels": [-100, -100, -100, 3]}
+    assert "prefix_ids" not in collate([a, different])
+    assert "prefix_ids" not in data.PadCollator(pad_id=2)([a, b])
+
+
+def test_shared_prefix_gives_the_same_loss_and_gradients_as_the_whole_batch(tiny_model_dir):
+    from transformers import TrainingArguments
+
+    from assistant import model as base_models
+    from trainer.train import SharedPrefixTrainer
+
+    cfg = resolve(tiny_cfg(tiny_model_dir, method="lora", lora_dropout=0.0, precision="fp32"))
+    tokenizer, model = load_for_training(base_models.prepare(cfg.base_model), cfg)
+    examples = encoded(tiny_model_dir, 4)
+    shared = data.shared_prefix_length(examples)
+    served = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}], tokenize=False)
+    assert tokenizer.decode(examples[0]["input_ids"][:shared]).startswith(served)
+    trainer = SharedPrefixTrainer(model=model, args=TrainingArguments(output_dir=str(paths.home() / "scratch"), use_cpu=True, report_to="none"))
+    results = {}
+    for share in (False, True):
+        model.zero_grad()
+        batch = data.PadCollator(tokenizer.pad_token_id, share_prefix=share)(examples)
+        assert ("prefix_ids" in batch) == share
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        results[share] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    for name, grad in results[False][1].items():
+        assert torch.allclose(results[True][1][name], grad, rtol=1e-4, atol=1e-6), name
+    # Gradients reach the LoRA weights through the prefix's keys and values as well.
+    assert all(grad.abs().sum() > 0 for name, grad in results[True][1].items() if "lora_B" in name)
+
+
 # --- config ----------------------------------------------------------------------------------------
 
 

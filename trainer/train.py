@@ -32,7 +32,7 @@ from assistant import paths
 paths.quiet_optional_kernels()  # before transformers' Trainer imports bitsandbytes
 
 import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from assistant import adapters  # noqa: E402
 from assistant import model as base_models
@@ -252,6 +252,33 @@ class FitOutcome:
     world_size: int
 
 
+class SharedPrefixTrainer(Trainer):
+    """HF Trainer that runs a batch's shared prefix (``prefix_ids`` from :class:`data.PadCollator`)
+    once and the rest of every row on its key/value cache.
+
+    The result is the same causal attention, positions and loss as the whole padded batch (the
+    prefix holds no answer tokens), and gradients flow through the cache into the LoRA weights of
+    the prefix's layers; only the prefix's compute is done once instead of once per row.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        prefix = inputs.pop("prefix_ids", None)
+        if prefix is not None:
+            name = _cache_argument(model)
+            cache = getattr(model(input_ids=prefix, use_cache=True), name)
+            cache.batch_repeat_interleave(inputs["input_ids"].shape[0])
+            inputs = {**inputs, name: cache}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+
+def _cache_argument(model) -> str:
+    """The key/value cache's argument (and output) name: ``cache`` in newer transformers, ``past_key_values`` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 class KeepBest(TrainerCallback):
     """Early stopping on validation loss, remembering the weights of the best validation.
 
@@ -345,7 +372,7 @@ def fit(cfg: TrainConfig, tokenizer, model, train_set: list[dict], val_set: list
 
     Runs data-parallel when started by ``torchrun``/``accelerate launch`` (HF Trainer's DDP).
     """
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     disable_cpu_inference_repack(model)
@@ -384,12 +411,14 @@ def fit(cfg: TrainConfig, tokenizer, model, train_set: list[dict], val_set: list
             dataloader_num_workers=0,
             ddp_find_unused_parameters=False,
         )
-        trainer = Trainer(
+        # Under DDP a second forward before the backward would upset the gradient reducer.
+        share_prefix = cfg.share_prefix and args.world_size == 1
+        trainer = SharedPrefixTrainer(
             model=model,
             args=args,
             train_dataset=train_set,
             eval_dataset=val_set,
-            data_collator=collator or data.PadCollator(tokenizer.pad_token_id),
+            data_collator=collator or data.PadCollator(tokenizer.pad_token_id, share_prefix=share_prefix),
             callbacks=[keeper, timer, Progress(cfg.progress)],
         )
         trainer.remove_callback(ProgressCallback)
