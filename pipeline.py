@@ -113,7 +113,8 @@ def main(
             reports = evaluate(db, run_id, cfg, gate, serve, snapshot, candidate, incumbent)
 
             set_stage(db, run_id, "gate")
-            decision = gating.decide_promotion(reports["candidate"], reports["current" if incumbent else "base"], gate)
+            decision = gating.decide_promotion(reports["candidate"], reports["current" if incumbent else "base"], gate,
+                                               base=reports["base"])
             gating.record_decision(db, decision, candidate, incumbent, gate, run_id)
             if cfg.review_samples:
                 review.create_batch(db, reports["candidate"], reports["current" if incumbent else "base"],

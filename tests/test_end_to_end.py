@@ -114,7 +114,7 @@ def test_the_loop_end_to_end(tuneloop_home, tmp_path, capsys):
             staff.predict(turn, reference_answer(label), label, api_name="/correct")
 
         # 4. The next run learns the corrections; the server swaps to it without a restart.
-        second = retrain(max_steps=150, capsys=capsys)
+        second = retrain(max_steps=60, capsys=capsys)
         assert second["promoted"], second["reasons"]
         changed = 0
         for question in NEW_QUESTIONS.values():
@@ -132,7 +132,7 @@ def test_the_loop_end_to_end(tuneloop_home, tmp_path, capsys):
             if row["label"] in wrong:
                 staff.predict(row["question"], reference_answer(wrong[row["label"]]), wrong[row["label"]],
                               api_name="/add_example")
-        third = retrain(max_steps=150, capsys=capsys)
+        third = retrain(max_steps=60, capsys=capsys)
         assert not third["promoted"], third["reasons"]
         assert adapters.current_version() == second["candidate"]
         assert ask(next(iter(NEW_QUESTIONS.values())))[2] == second["candidate"]

@@ -179,7 +179,7 @@ def test_report_writes_html_and_pngs(tuneloop_home):
     run_id = db["retrain_runs"].insert({"status": "done", "stage": "end", "pid": 1, "started_at": "2026-01-01T00:00:00Z"}).last_pk
     evaluate.record_report(db, cand, "candidate", run_id)
     evaluate.record_report(db, base, "base", run_id)
-    decision = gate.decide_promotion(cand, base, gate.GateConfig())
+    decision = gate.decide_promotion(cand, base, gate.GateConfig(), base=base)
     gate.record_decision(db, decision, "cand", None, gate.GateConfig(), run_id)
     review.create_batch(db, cand, base, n=4)
     staff_review.mark_pair(db, "alice", 1, True, False)

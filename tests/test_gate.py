@@ -55,8 +55,9 @@ def reports(shares, perplexity=None):
 
 
 def decide(shares, perplexity=None, **overrides):
-    found = reports(shares, perplexity)
-    return gate.decide_promotion(found["cand"], found[None] if None in found else found["cur"], gate.GateConfig(**overrides))
+    found = reports({None: 0.0} | shares, perplexity)  # the base model's report is always there, as in the pipeline
+    incumbent = found["cur"] if "cur" in shares else found[None]
+    return gate.decide_promotion(found["cand"], incumbent, gate.GateConfig(**overrides), base=found[None])
 
 
 def test_real_gain_is_promoted():
@@ -92,11 +93,26 @@ def test_noisy_gain_is_rejected_by_the_bootstrap():
 
 
 def test_forgetting_candidate_is_rejected_by_perplexity():
-    decision = decide({"cur": 0.5, "cand": 0.9}, perplexity={"cur": 10.0, "cand": 14.0})
+    decision = decide({"cur": 0.5, "cand": 0.9}, perplexity={None: 10.0, "cur": 10.0, "cand": 14.0})
     assert decision.reasons[0].startswith("PASS") and decision.reasons[1].startswith("PASS")
     assert decision.reasons[2].startswith("FAIL no forgetting")
+    assert "(the base model), ratio 1.400 > 1.250" in decision.reasons[2]
     assert decision.metrics["perplexity_ratio"] == pytest.approx(1.4)
     assert not decision.promote
+
+
+def test_forgetting_is_measured_against_the_base_model_not_the_incumbent():
+    # Every candidate trains from the base: an incumbent that lowered perplexity does not raise the
+    # bar (the real case: incumbent 39.2, base 43.3, candidate 51.2), and one that forgot does not lower it.
+    kept = decide({"cur": 0.5, "cand": 0.9}, perplexity={None: 43.3, "cur": 39.2, "cand": 51.2})
+    assert kept.promote, kept.reasons
+    assert kept.metrics["perplexity_ratio"] == pytest.approx(51.2 / 43.3)
+    assert kept.metrics["incumbent_perplexity"] == 39.2
+    forgot = decide({"cur": 0.5, "cand": 0.9}, perplexity={None: 10.0, "cur": 13.0, "cand": 13.0})
+    assert not forgot.promote and forgot.reasons[2].startswith("FAIL no forgetting")
+    found = reports({None: 0.5, "cur": 0.5, "cand": 0.9})
+    with pytest.raises(ValueError, match="base model's report"):
+        gate.decide_promotion(found["cand"], found["cur"], gate.GateConfig(), base=found["cur"])
 
 
 def test_answer_f1_is_the_metric_without_labels():
@@ -105,7 +121,7 @@ def test_answer_f1_is_the_metric_without_labels():
     base = evaluate.evaluate(runner, test, None, ServeConfig(), None, general_texts=["x y"])
     cand = evaluate.evaluate(runner, test, "cand", ServeConfig(), None, general_texts=["x y"])
     assert cand["metric"] == "answer_f1" and cand["label_f1"] is None
-    decision = gate.decide_promotion(cand, base, gate.GateConfig())
+    decision = gate.decide_promotion(cand, base, gate.GateConfig(), base=base)
     assert decision.promote and decision.metrics["metric"] == "answer_f1"
 
 
