@@ -31,6 +31,16 @@ real tokens/s in bf16 vs 206 in fp32 (1.7x; a bare forward+backward of 8 x 200 t
 processes on two cores are catastrophic in bf16 (58 s per step measured): train one at a time.
 Serving and evaluation stay fp32 on CPU.
 
+Shared prefix
+-------------
+Every example starts with the same tokens: the chat template's system turn holding the persona
+(133 of ~200 tokens per example on the shipped pack). ``share_prefix = true`` (the default) has the
+collator split off what all rows of a batch share and the trainer run it once, repeat its key/value
+cache across the batch and run the rest of each row on it: the same attention, positions, loss and
+gradients (a test compares them with the whole padded batch), with a fraction of the compute. On
+the pack's 930 examples (batch 8, QLoRA, bf16): 2.1-2.3 s per step instead of 4.7-5.5 s. It is off
+under DDP, where a second forward before the backward would confuse the gradient reducer.
+
 Learning rate
 -------------
 Defaults (``trainer.config.DEFAULT_LR``), measured on SmolLM2-135M-Instruct: QLoRA r=16/alpha=32 on all
