@@ -8,7 +8,7 @@ and the promotion gate against the base model. Prints label F1 (the gate metric)
 ROUGE-L, latency and prompt tokens for each system, the training time and the gate's reasons. The
 README quotes this output.
 
-    .venv/bin/python benchmarks/pack_result.py [--method qlora] [--epochs 3] [--lr 0] [--limit 0]
+    .venv/bin/python benchmarks/pack_result.py [--method qlora] [--epochs 1] [--lr 0] [--limit 0]
 """
 
 from __future__ import annotations

@@ -192,7 +192,7 @@ def test_config_range_checks_and_resolution_from_the_serve_config():
     assert resolve(TrainConfig(), ServeConfig(quantization="none")).method == "lora"
     assert resolve(TrainConfig(method="full", lr=0.5), ServeConfig()).lr == 0.5
     defaults = TrainConfig()
-    assert (defaults.lora_r, defaults.lora_alpha, defaults.batch_size, defaults.epochs) == (16, 32, 8, 3.0)
+    assert (defaults.lora_r, defaults.lora_alpha, defaults.batch_size, defaults.epochs) == (16, 32, 8, 1.0)
     assert defaults.target_list() == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -34,8 +34,8 @@ class TrainConfig:
     """System message of every training example; empty = the serve config's system_prompt."""
     dataset: str = ""
     """Dataset snapshot folder (train/val/test.jsonl + manifest.json); empty = the latest under $TUNELOOP_HOME/datasets."""
-    epochs: float = 3.0
-    """Passes over the training split (fractions allowed)."""
+    epochs: float = 1.0
+    """Passes over the training split (fractions allowed). 1 is the most the gate's forgetting check (perplexity <= 1.25x the base's) admitted on the shipped pack: 2 epochs reached label F1 0.786 at 1.86x, 6 epochs 0.885 at 5.5x (benchmarks/pack_result.py)."""
     max_steps: int = 0
     """Stop after this many optimizer steps; 0 = run all epochs."""
     batch_size: int = 8
