@@ -259,6 +259,8 @@ class SharedPrefixTrainer(Trainer):
     The result is the same causal attention, positions and loss as the whole padded batch (the
     prefix holds no answer tokens), and gradients flow through the cache into the LoRA weights of
     the prefix's layers; only the prefix's compute is done once instead of once per row.
+    (A subclass because overriding ``compute_loss`` is HF Trainer's documented way to change how a
+    batch is run; everything else is the stock Trainer.)
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
