@@ -42,7 +42,7 @@ test: install browser
 
 # The end-to-end loop alone.
 test-e2e: install
-	$(PY) -m pytest -q -p no:cacheprovider -m e2e -s
+	$(PY) -m pytest -q -p no:cacheprovider -m e2e
 
 test-fast: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"

@@ -78,5 +78,6 @@ def main() -> int:
             for k, v in rows.items()}}, indent=2))
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
