@@ -104,7 +104,8 @@ def main(
 
             set_stage(db, run_id, "train")
             train = dataclasses.replace(train, dataset=str(snapshot), base_model=train.base_model or serve.base_model,
-                                        system_prompt=train.system_prompt or serve.system_prompt)
+                                        system_prompt=train.system_prompt or serve.system_prompt,
+                                        **forgetting_settings(train, gate))
             candidate = train_candidate(train, cfg.train_timeout_s)
             db["retrain_runs"].update(run_id, {"candidate": candidate})
 
@@ -159,6 +160,21 @@ def curate(db, run_id: int, cfg: RetrainConfig) -> tuple[Path, str]:
     sha = paths.sha256_file(manifest)
     db["retrain_runs"].update(run_id, {"dataset": snapshot.name, "dataset_sha256": sha})
     return snapshot, sha
+
+
+def forgetting_settings(train: TrainConfig, gate: gating.GateConfig) -> dict:
+    """Have training keep only weights the gate's forgetting check could pass: perplexity measured
+    at every validation on the gate's general text after the passages the gate itself checks (so
+    the check stays on text training never chose by), against the gate's bar."""
+    if train.general_text:
+        return {}  # set by the operator in [train]
+    passages = gating.general_passages(gate)
+    if len(passages) <= gate.general_limit:
+        log.warning("%s has no passages beyond the gate's %d; training runs without a forgetting curve",
+                    gating.general_file(gate), gate.general_limit)
+        return {}
+    return {"general_text": str(gating.general_file(gate)), "general_skip": gate.general_limit,
+            "max_perplexity_ratio": train.max_perplexity_ratio or gate.max_perplexity_ratio}
 
 
 def train_candidate(train: TrainConfig, timeout_s: float) -> str:
@@ -296,7 +312,7 @@ def cmd_retrain(args) -> int:
     """Curate, train, evaluate, gate, promote: the nightly job (exit 0 whether promoted or not)."""
     cfg = from_args(RetrainConfig, "retrain", args, {"force": True if args.force else None})
     train = load(TrainConfig, "train", {"max_steps": args.train_max_steps, "epochs": args.train_epochs,
-                                        "lr": args.train_lr, "method": args.train_method})
+                                        "lr": args.train_lr, "method": args.train_method, "replay": args.train_replay})
     try:
         result = main(cfg, train)
     except RetrainBusy as exc:
@@ -324,6 +340,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", dest="train_epochs", metavar="E", help="training: passes over the training split")
     p.add_argument("--lr", dest="train_lr", metavar="LR", help="training: peak learning rate")
     p.add_argument("--method", dest="train_method", metavar="M", help="training: qlora, lora or full")
+    p.add_argument("--replay", dest="train_replay", metavar="R",
+                   help="training: rows of base-model text per training example, against forgetting (0 = none)")
     p.add_argument("--json", action="store_true",
                    help="print candidate, promoted, reasons, f1 (base, current, candidate), seconds as JSON")
     p.set_defaults(handler=cmd_retrain)

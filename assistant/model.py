@@ -11,10 +11,13 @@ import functools
 import importlib.util
 import json
 import logging
+import math
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 from assistant import paths
@@ -209,3 +212,35 @@ def keep_4bit_layout(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int = 256) -> float:
+    """Perplexity of a causal LM over ``texts``: exp of the mean negative log-likelihood per token.
+
+    Tokens from all texts are pooled (a 3-token text does not weigh as much as a 200-token one);
+    each text is truncated to ``max_length`` tokens and run alone, so no padding enters the loss.
+    A rise against the previous adapter on the same texts is a sign of forgetting.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    # Dropout would make the figure noisy; restore the caller's mode afterwards.
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
+                predicted = ids.shape[1] - 1
+                if predicted < 1:
+                    continue  # one token predicts nothing
+                ids = ids.to(device)
+                loss = model(input_ids=ids, labels=ids).loss
+                total_nll += float(loss) * predicted
+                total_tokens += predicted
+    finally:
+        model.train(was_training)
+    if total_tokens == 0:
+        raise ValueError("perplexity needs at least one text of two or more tokens")
+    return math.exp(total_nll / total_tokens)

@@ -67,13 +67,23 @@ class Decision:
     """F1s, delta, bootstrap p and interval, perplexities and their ratio."""
 
 
-def general_texts(cfg: GateConfig) -> list[str]:
-    """The passages the forgetting check measures perplexity on."""
-    file = Path(cfg.general_text).expanduser() if cfg.general_text else paths.pack_dir(DEFAULT_PACK) / "general.txt"
+def general_file(cfg: GateConfig) -> Path:
+    """The general-text file: ``cfg.general_text``, or the shipped pack's general.txt."""
+    return Path(cfg.general_text).expanduser() if cfg.general_text else paths.pack_dir(DEFAULT_PACK) / "general.txt"
+
+
+def general_passages(cfg: GateConfig) -> list[str]:
+    """Every passage (non-blank line) of the general-text file."""
+    file = general_file(cfg)
     lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"{file} holds no general text; the forgetting check needs some")
-    return lines[: cfg.general_limit]
+    return lines
+
+
+def general_texts(cfg: GateConfig) -> list[str]:
+    """The passages the forgetting check measures perplexity on (the first ``general_limit``)."""
+    return general_passages(cfg)[: cfg.general_limit]
 
 
 def decide_promotion(candidate: dict, incumbent: dict, cfg: GateConfig, *, base: dict) -> Decision:

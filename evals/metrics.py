@@ -8,13 +8,14 @@ whether system B beats system A by more than test-set luck, which is what the pr
 from __future__ import annotations
 
 import collections
-import math
 import re
 import string
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from assistant.model import perplexity  # noqa: F401  (evaluation's name for it; the trainer uses it too)
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
@@ -183,38 +184,6 @@ def bootstrap_gain(
         "ci_high": float(ci_high),
         "n_resamples": n,
     }
-
-
-def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int = 256) -> float:
-    """Perplexity of a causal LM over ``texts``: exp of the mean negative log-likelihood per token.
-
-    Tokens from all texts are pooled (a 3-token text does not weigh as much as a 200-token one);
-    each text is truncated to ``max_length`` tokens and run alone, so no padding enters the loss.
-    A rise against the previous adapter on the same texts is a sign of forgetting.
-    """
-    import torch
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    # Dropout would make the figure noisy; restore the caller's mode afterwards.
-    model.eval()
-    total_nll, total_tokens = 0.0, 0
-    try:
-        with torch.no_grad():
-            for text in texts:
-                ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
-                predicted = ids.shape[1] - 1
-                if predicted < 1:
-                    continue  # one token predicts nothing
-                ids = ids.to(device)
-                loss = model(input_ids=ids, labels=ids).loss
-                total_nll += float(loss) * predicted
-                total_tokens += predicted
-    finally:
-        model.train(was_training)
-    if total_tokens == 0:
-        raise ValueError("perplexity needs at least one text of two or more tokens")
-    return math.exp(total_nll / total_tokens)
 
 
 def _check_aligned(first: Sequence[Any], second: Sequence[Any]) -> None:

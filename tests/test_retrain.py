@@ -140,3 +140,21 @@ def test_kill_during_training_keeps_the_adapter_serving_and_the_next_run_recover
     assert pipeline.main(pipeline.RetrainConfig(dataset=str(snapshot)))["status"] == "noop"
     adapters.rollback("test")
     assert adapters.current_version() == serving
+
+
+def test_training_is_held_to_the_gates_forgetting_bar_on_passages_the_gate_does_not_check(tuneloop_home, tmp_path, caplog):
+    from trainer.config import TrainConfig
+
+    gate = GateConfig()
+    shipped = pipeline.forgetting_settings(TrainConfig(), gate)
+    passages = pipeline.gating.general_passages(gate)
+    assert shipped == {"general_text": str(pipeline.gating.general_file(gate)), "general_skip": 40, "max_perplexity_ratio": 1.25}
+    assert len(passages) > 40, "the shipped pack leaves passages for training's forgetting curve"
+    assert set(passages[40:]).isdisjoint(pipeline.gating.general_texts(gate))
+    own = TrainConfig(general_text=str(tmp_path / "mine.txt"), max_perplexity_ratio=2.0)
+    assert pipeline.forgetting_settings(own, gate) == {}, "an operator's [train] setting wins"
+    short = tmp_path / "short.txt"
+    short.write_text("one passage\nanother\n")
+    with caplog.at_level("WARNING"):
+        assert pipeline.forgetting_settings(TrainConfig(), GateConfig(general_text=str(short))) == {}
+    assert "no passages beyond the gate's 40" in caplog.text

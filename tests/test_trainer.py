@@ -299,6 +299,71 @@ def test_early_stopping_never_triggers_with_patience_zero_or_on_improvement():
             assert not control.should_training_stop
 
 
+def test_weights_over_the_forgetting_bar_are_not_kept_and_count_as_no_improvement():
+    model = torch.nn.Linear(2, 2)
+    keeper = KeepBest(patience=2, max_ratio=1.25)
+    # (step, val loss, general-text perplexity): the baseline is 40, so the bar is 50.
+    for step, loss, perplexity in [(0, 5.0, 40.0), (10, 3.0, 44.0), (20, 2.0, 49.0), (30, 1.5, 60.0), (40, 1.2, 80.0)]:
+        with torch.no_grad():
+            model.weight.fill_(step)
+        state, control = _state(step)
+        keeper.on_evaluate(None, state, control, metrics={"eval_loss": loss, "eval_general_perplexity": perplexity}, model=model)
+        assert control.should_training_stop == (step == 40)  # two validations over the bar in a row
+    assert (keeper.best_step, keeper.best_loss, keeper.within_bar) == (20, 2.0, True)
+    assert keeper.best_ratio == pytest.approx(49 / 40)
+    keeper.restore(model)
+    assert torch.all(model.weight == 20)
+
+
+def test_when_nothing_is_within_the_forgetting_bar_the_lowest_loss_is_kept_until_something_is():
+    model = torch.nn.Linear(2, 2)
+    keeper = KeepBest(patience=0, max_ratio=1.1)
+    steps = [(0, 5.0, 40.0), (10, 3.0, 50.0), (20, 2.0, 48.0), (30, 2.5, 60.0)]
+    for step, loss, perplexity in steps:
+        state, control = _state(step)
+        keeper.on_evaluate(None, state, control, metrics={"eval_loss": loss, "eval_general_perplexity": perplexity}, model=model)
+    assert (keeper.best_step, keeper.within_bar) == (20, False)
+    # A later validation within the bar wins even with a higher loss than the fallback.
+    state, control = _state(40)
+    keeper.on_evaluate(None, state, control, metrics={"eval_loss": 2.8, "eval_general_perplexity": 43.0}, model=model)
+    assert (keeper.best_step, keeper.within_bar) == (40, True)
+    # Without a bar the perplexity is recorded but never decides.
+    free = KeepBest(patience=0)
+    for step, loss, perplexity in steps:
+        state, control = _state(step)
+        free.on_evaluate(None, state, control, metrics={"eval_loss": loss, "eval_general_perplexity": perplexity}, model=model)
+    assert (free.best_step, free.within_bar) == (20, None) and free.best_ratio == pytest.approx(48 / 40)
+
+
+def test_training_records_the_forgetting_curve_and_keeps_weights_within_the_bar(tiny_model_dir, tmp_path):
+    general = tmp_path / "general.txt"
+    # Words the domain never uses: the more the tiny model learns the domain, the less it expects these.
+    general.write_text("The gate checks these.\n\nZebra quartz violin umbrella; 7391 kelp.\nOboe glacier ferret 5520 sonnet.\n")
+    write_snapshot(16, 4)
+    free = main(tiny_cfg(tiny_model_dir, method="lora", lr=5e-2, epochs=6, eval_steps=4, patience=0,
+                         general_text=str(general), general_skip=1))
+    history = json.loads((Path(free.path) / "loss_history.json").read_text())
+    curve = [entry["general_perplexity"] for entry in history["val"]]
+    assert len(curve) == len(history["val"]) >= 6 and curve[-1] > curve[0], curve
+    assert free.perplexity_ratio == pytest.approx(history["val"][[e["step"] for e in history["val"]].index(free.best_step)]
+                                                  ["general_perplexity"] / curve[0], rel=1e-3)
+    assert free.within_perplexity_bar is None
+    # The same run (same seed) under a bar that only the least-forgetting validation meets: the
+    # weights kept are those, not the lowest validation loss.
+    bar = min(curve[1:]) / curve[0]
+    expected = min((e for e in history["val"] if e["step"] > 0 and e["general_perplexity"] / curve[0] <= bar),
+                   key=lambda e: e["loss"])["step"]
+    assert expected != free.best_step
+    bounded = main(tiny_cfg(tiny_model_dir, method="lora", lr=5e-2, epochs=6, eval_steps=4, patience=0,
+                            general_text=str(general), general_skip=1, max_perplexity_ratio=max(1.0, bar + 1e-6)))
+    assert (bounded.best_step, bounded.within_perplexity_bar) == (expected, True), (curve, bar, bounded)
+    assert bounded.perplexity_ratio <= bar + 1e-3
+    with pytest.raises(data.DatasetError, match="no passages after the first 3"):
+        main(tiny_cfg(tiny_model_dir, general_text=str(general), general_skip=3))
+    with pytest.raises(ConfigError, match="needs general_text"):
+        TrainConfig(max_perplexity_ratio=1.25)
+
+
 def test_training_stops_early_when_validation_diverges(tiny_model_dir):
     # Validation asks the training questions but expects another answer: the better the model
     # learns the training answers, the worse validation gets.

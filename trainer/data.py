@@ -138,3 +138,15 @@ def shared_prefix_length(features: list[dict]) -> int:
         answer = next((i for i, label in enumerate(f["labels"]) if label != IGNORE), len(f["labels"]))
         length = min(length, answer - 1)
     return max(0, length)
+
+
+def read_general_text(file: str, skip: int = 0) -> list[str]:
+    """Passages of a general-text file (one per non-blank line) after the first ``skip``."""
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise DatasetError(f"general text {path} does not exist (general_text in [train])")
+    passages = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][skip:]
+    if not passages:
+        raise DatasetError(f"{path} holds no passages after the first {skip}; the forgetting curve needs some "
+                           "(add passages, or lower general_skip)")
+    return passages

@@ -37,7 +37,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 from assistant import adapters  # noqa: E402
 from assistant import model as base_models
 from assistant.config import ConfigError
-from trainer import data
+from trainer import data, replay
 from trainer.config import TrainConfig, resolve
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,16 @@ class TrainResult:
     """Real (non-padding) training tokens per second of training-step time, all processes together."""
     train_examples: int
     """Training examples used."""
+    replay_examples: int
+    """Replay rows of base-model text mixed in (``replay``); not counted in train_examples."""
     val_examples: int
     """Validation examples used."""
     skipped_too_long: int
     """Examples skipped for exceeding max_length."""
+    perplexity_ratio: float | None
+    """General-text perplexity of the kept weights / the untrained model's (None: general_text not set)."""
+    within_perplexity_bar: bool | None
+    """Whether the kept weights are within max_perplexity_ratio (None: no bar set)."""
     dataset: str
     """Dataset snapshot version."""
 
@@ -103,12 +109,17 @@ def main(cfg: TrainConfig) -> TrainResult:
     _check_sizes(cfg, snapshot, len(train_rows), len(val_rows))
 
     info = base_models.prepare(cfg.base_model)
+    # Sampled (or read from the cache) before the training model loads, by a copy freed afterwards.
+    replay_texts = replay.base_samples(info, round(cfg.replay * len(train_rows)), cfg.device, cfg.seed)
     tokenizer, model = load_for_training(info, cfg)
     train_set, skipped_train = data.encode_rows(tokenizer, cfg.system_prompt, train_rows, cfg.max_length)
+    replay_set = replay.encode_texts(tokenizer, replay_texts, cfg.max_length)
     val_set, skipped_val = data.encode_rows(tokenizer, cfg.system_prompt, val_rows, cfg.max_length)
     _check_sizes(cfg, snapshot, len(train_set), len(val_set), after_max_length=True)
 
-    outcome = fit(cfg, tokenizer, model, train_set, val_set)
+    general = data.read_general_text(cfg.general_text, cfg.general_skip) if cfg.general_text else None
+    # Validation stays domain-only: early stopping and the kept weights follow the domain loss.
+    outcome = fit(cfg, tokenizer, model, train_set + replay_set, val_set, general=general)
     result = TrainResult(
         adapter=None,
         path=None,
@@ -122,8 +133,11 @@ def main(cfg: TrainConfig) -> TrainResult:
         seconds=round(time.perf_counter() - started, 2),  # export adds well under a second
         tokens_per_s=outcome.tokens_per_s,
         train_examples=len(train_set),
+        replay_examples=len(replay_set),
         val_examples=len(val_set),
         skipped_too_long=skipped_train + skipped_val,
+        perplexity_ratio=outcome.perplexity_ratio,
+        within_perplexity_bar=outcome.within_perplexity_bar,
         dataset=snapshot.version,
     )
     if outcome.is_main_process:
@@ -248,6 +262,8 @@ class FitOutcome:
     tokens_per_s: float
     train_seconds: float
     history: dict
+    perplexity_ratio: float | None
+    within_perplexity_bar: bool | None
     is_main_process: bool
     world_size: int
 
@@ -285,28 +301,50 @@ class KeepBest(TrainerCallback):
     """Early stopping on validation loss, remembering the weights of the best validation.
 
     The validation before the first step (step 0) is the untrained baseline: recorded, never kept.
+    With ``max_ratio`` (and general-text perplexity in the metrics, from :class:`Forgetting`), only
+    weights within ``max_ratio`` times the baseline's perplexity are kept, and a validation above it
+    counts as no improvement; if no validation is within it, the lowest validation loss is kept.
     """
 
-    def __init__(self, patience: int):
+    def __init__(self, patience: int, max_ratio: float = 0.0):
         self.patience = patience
+        self.max_ratio = max_ratio
         self.best_loss = math.inf
         self.best_step = 0
         self.best_state: dict | None = None
+        self.best_ratio: float | None = None
+        self.within_bar: bool | None = None
         self.since_best = 0
         self.stop_requested = False
         self.last_eval_step: int | None = None
         self.base_loss = math.nan
+        self.base_perplexity: float | None = None
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         loss = float(metrics["eval_loss"])
+        perplexity = metrics.get(Forgetting.METRIC)
         self.last_eval_step = state.global_step
         if state.global_step == 0:
-            self.base_loss = loss
+            self.base_loss, self.base_perplexity = loss, perplexity
             return
-        if loss < self.best_loss:
-            self.best_loss, self.best_step, self.since_best = loss, state.global_step, 0
-            self.best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-            return
+        ratio = perplexity / self.base_perplexity if perplexity and self.base_perplexity else None
+        within = None if not self.max_ratio or ratio is None else ratio <= self.max_ratio
+        if within is False:
+            # Over the bar: never an improvement; kept only as a fallback while nothing within it is.
+            if self.within_bar is not True and loss < self.best_loss:
+                self._keep(model, loss, state.global_step, ratio, within)
+            self._no_improvement(control)
+        elif loss < self.best_loss or self.within_bar is False:
+            self._keep(model, loss, state.global_step, ratio, within)
+            self.since_best = 0
+        else:
+            self._no_improvement(control)
+
+    def _keep(self, model, loss: float, step: int, ratio: float | None, within: bool | None) -> None:
+        self.best_loss, self.best_step, self.best_ratio, self.within_bar = loss, step, ratio, within
+        self.best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def _no_improvement(self, control) -> None:
         self.since_best += 1
         if self.patience and self.since_best >= self.patience:
             self.stop_requested = True
@@ -319,6 +357,27 @@ class KeepBest(TrainerCallback):
             for name, parameter in model.named_parameters():
                 if name in self.best_state:
                     parameter.copy_(self.best_state[name])
+
+
+class Forgetting(TrainerCallback):
+    """Perplexity on general text at every validation, into the metrics :class:`KeepBest` reads.
+
+    The forgetting curve of the run; runs before KeepBest (callbacks are called in order).
+    """
+
+    METRIC = "eval_general_perplexity"
+
+    def __init__(self, tokenizer, texts: list[str]):
+        self.tokenizer = tokenizer
+        self.texts = texts
+        self.curve: dict[int, float] = {}
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        # The same bf16 autocast as the validation loss, so step 0 matches the untrained model's.
+        device = next(model.parameters()).device.type
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=args.bf16):
+            value = base_models.perplexity(model, self.tokenizer, self.texts)
+        metrics[self.METRIC] = self.curve[state.global_step] = round(value, 4)
 
 
 class StepTimer(TrainerCallback):
@@ -368,9 +427,13 @@ class Progress(TrainerCallback):
             self.bar = None
 
 
-def fit(cfg: TrainConfig, tokenizer, model, train_set: list[dict], val_set: list[dict], collator=None) -> FitOutcome:
+def fit(cfg: TrainConfig, tokenizer, model, train_set: list[dict], val_set: list[dict], collator=None,
+        general: list[str] | None = None) -> FitOutcome:
     """Train ``model`` in place with HF Trainer; validate each epoch (or every ``eval_steps``), stop
     early when validation loss stops falling, and leave the best weights in the model.
+
+    With ``general`` passages, every validation also measures perplexity on them, and
+    ``cfg.max_perplexity_ratio`` bounds which weights may be kept (see :class:`KeepBest`).
 
     Runs data-parallel when started by ``torchrun``/``accelerate launch`` (HF Trainer's DDP).
     """
@@ -378,7 +441,8 @@ def fit(cfg: TrainConfig, tokenizer, model, train_set: list[dict], val_set: list
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     disable_cpu_inference_repack(model)
-    keeper, timer = KeepBest(cfg.patience), StepTimer()
+    keeper, timer = KeepBest(cfg.patience, cfg.max_perplexity_ratio if general else 0.0), StepTimer()
+    forgetting = [Forgetting(tokenizer, general)] if general else []
     on_cuda = next(model.parameters()).device.type == "cuda"
     schedule = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
     with tempfile.TemporaryDirectory(prefix="tuneloop-train-") as scratch:
@@ -421,7 +485,7 @@ def fit(cfg: TrainConfig, tokenizer, model, train_set: list[dict], val_set: list
             train_dataset=train_set,
             eval_dataset=val_set,
             data_collator=collator or data.PadCollator(tokenizer.pad_token_id, share_prefix=share_prefix),
-            callbacks=[keeper, timer, Progress(cfg.progress)],
+            callbacks=[*forgetting, keeper, timer, Progress(cfg.progress)],
         )
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
@@ -431,7 +495,7 @@ def fit(cfg: TrainConfig, tokenizer, model, train_set: list[dict], val_set: list
                 trainer.evaluate()  # the steps after the last validation may hold the best weights
         keeper.restore(model)
         state = trainer.state
-        history = _history(state.log_history, keeper.best_step)
+        history = _history(state.log_history, keeper.best_step, forgetting[0].curve if forgetting else {})
         train_losses = [entry["loss"] for entry in history["train"]]
         return FitOutcome(
             train_loss=round(sum(train_losses[-10:]) / max(1, len(train_losses[-10:])), 4),
@@ -443,18 +507,22 @@ def fit(cfg: TrainConfig, tokenizer, model, train_set: list[dict], val_set: list
             tokens_per_s=round(state.num_input_tokens_seen / timer.seconds, 1) if timer.seconds else 0.0,
             train_seconds=round(timer.seconds, 2),
             history=history,
+            perplexity_ratio=None if keeper.best_ratio is None else round(keeper.best_ratio, 4),
+            within_perplexity_bar=keeper.within_bar,
             is_main_process=trainer.is_world_process_zero(),
             world_size=args.world_size,
         )
 
 
-def _history(log_history: list[dict], best_step: int) -> dict:
+def _history(log_history: list[dict], best_step: int, general_perplexity: dict[int, float]) -> dict:
     train = [
         {"step": e["step"], "epoch": round(e["epoch"], 4), "loss": e["loss"], "lr": e.get("learning_rate")}
         for e in log_history
         if "loss" in e
     ]
-    val = [{"step": e["step"], "epoch": round(e["epoch"], 4), "loss": e["eval_loss"]} for e in log_history if "eval_loss" in e]
+    val = [{"step": e["step"], "epoch": round(e["epoch"], 4), "loss": e["eval_loss"]}
+           | ({"general_perplexity": general_perplexity[e["step"]]} if e["step"] in general_perplexity else {})
+           for e in log_history if "eval_loss" in e]
     return {"train": train, "val": val, "best_step": best_step}
 
 
@@ -500,6 +568,8 @@ def export(cfg: TrainConfig, info, snapshot: data.Snapshot, tokenizer, model, ou
                     "val_examples": result.val_examples,
                     "skipped_too_long": result.skipped_too_long,
                 },
+                "replay": {"examples": result.replay_examples,
+                           "file": str(replay.cache_file(info, cfg.seed)) if result.replay_examples else None},
                 "system_prompt": cfg.system_prompt,
                 "chat_template": tokenizer.chat_template,
                 "libraries": {name: _version(name) for name in LIBRARIES} | {"python": platform.python_version()},
