@@ -41,6 +41,27 @@ gradients (a test compares them with the whole padded batch), with a fraction of
 the pack's 930 examples (batch 8, QLoRA, bf16): 2.1-2.3 s per step instead of 4.7-5.5 s. It is off
 under DDP, where a second forward before the backward would confuse the gradient reducer.
 
+Forgetting
+----------
+The gate rejects a candidate whose perplexity on general text is above 1.25x the base model's, and
+an adapter trained on the domain alone gets there fast: on the shipped pack (benchmarks/pack_result.py,
+2026-11-28/29) 1 epoch gave 1.13x, 2 epochs 1.86x, 6 epochs 5.5x. Two things in training work
+against it:
+
+- ``replay`` (default 0.25): rows of text the base model wrote itself (trainer/replay.py; sampled
+  once per base, cached, 96 tokens each) are mixed into the training data with the loss on every
+  token, pulling the model back towards the base outside the domain. 2 epochs: perplexity 1.86x ->
+  1.22x (promoted) at the same label F1 (0.786 vs 0.792) and validation loss (0.224 vs 0.213), for
+  25% more steps plus ~2 min of sampling the first time. It does not scale to long runs with a fixed
+  sample: after 5 epochs the 232 samples were learnt by heart (their batch loss fell from 3.7 in
+  epoch 1 to 1.0, below the base's own ~3) and perplexity reached 4.0x.
+- ``general_text`` / ``max_perplexity_ratio`` (set by the nightly job from ``[gate]``): every
+  validation also measures perplexity on the general passages the gate does not use itself (the
+  pack's passages after the gate's first 40), written to ``loss_history.json`` as the forgetting
+  curve. Only weights within the bar are kept, and a validation over it counts as no improvement,
+  so a run that crosses the bar stops after ``patience`` validations; when no validation is within
+  it, the lowest validation loss is kept (and the gate will say why it rejects it).
+
 Learning rate
 -------------
 Defaults (``trainer.config.DEFAULT_LR``), measured on SmolLM2-135M-Instruct: QLoRA r=16/alpha=32 on all
