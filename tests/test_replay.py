@@ -65,7 +65,7 @@ def test_replay_rows_are_plain_text_with_the_loss_on_every_token(tiny_model_dir)
 
 def test_training_with_replay_mixes_in_the_rows_and_records_them(tiny_model_dir):
     write_snapshot(16, 4)
-    plain = main(tiny_cfg(tiny_model_dir))
+    plain = main(tiny_cfg(tiny_model_dir, replay=0.0))
     mixed = main(tiny_cfg(tiny_model_dir, replay=0.5))
     assert plain.replay_examples == 0 and mixed.replay_examples == 8
     assert (plain.steps, mixed.steps) == (4, 6)  # batches of 4: 16 rows, then 16 + 8

@@ -81,6 +81,7 @@ def tiny_cfg(tiny_model_dir: Path, **overrides) -> TrainConfig:
         batch_size=4,
         epochs=1,
         min_train_examples=8,
+        replay=0.0,  # tests/test_replay.py covers replay; here it would only add sampling time
         progress=False,
     )
     values.update(overrides)
@@ -192,7 +193,11 @@ def test_config_range_checks_and_resolution_from_the_serve_config():
     assert resolve(TrainConfig(), ServeConfig(quantization="none")).method == "lora"
     assert resolve(TrainConfig(method="full", lr=0.5), ServeConfig()).lr == 0.5
     defaults = TrainConfig()
-    assert (defaults.lora_r, defaults.lora_alpha, defaults.batch_size, defaults.epochs) == (16, 32, 8, 1.0)
+    assert (defaults.lora_r, defaults.lora_alpha, defaults.batch_size, defaults.epochs, defaults.replay) == (16, 32, 8, 2.0, 0.25)
+    with pytest.raises(ConfigError, match="replay must be between"):
+        TrainConfig(replay=-1)
+    with pytest.raises(ConfigError, match="max_perplexity_ratio must be 0"):
+        TrainConfig(general_text="g.txt", max_perplexity_ratio=0.5)
     assert defaults.target_list() == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -107,6 +107,7 @@ def main(cfg: TrainConfig) -> TrainResult:
     train_rows = data.load_split(snapshot.path, "train")
     val_rows = data.load_split(snapshot.path, "val")
     _check_sizes(cfg, snapshot, len(train_rows), len(val_rows))
+    general = data.read_general_text(cfg.general_text, cfg.general_skip) if cfg.general_text else None
 
     info = base_models.prepare(cfg.base_model)
     # Sampled (or read from the cache) before the training model loads, by a copy freed afterwards.
@@ -117,7 +118,6 @@ def main(cfg: TrainConfig) -> TrainResult:
     val_set, skipped_val = data.encode_rows(tokenizer, cfg.system_prompt, val_rows, cfg.max_length)
     _check_sizes(cfg, snapshot, len(train_set), len(val_set), after_max_length=True)
 
-    general = data.read_general_text(cfg.general_text, cfg.general_skip) if cfg.general_text else None
     # Validation stays domain-only: early stopping and the kept weights follow the domain loss.
     outcome = fit(cfg, tokenizer, model, train_set + replay_set, val_set, general=general)
     result = TrainResult(
