@@ -27,6 +27,7 @@ import sqlite_utils
 from assistant import paths
 from assistant.config import check
 from evals import metrics
+from feedback import packs
 
 DEFAULT_PACK = "peach_state_bank"
 
@@ -75,7 +76,7 @@ def general_file(cfg: GateConfig) -> Path:
 def general_passages(cfg: GateConfig) -> list[str]:
     """Every passage (non-blank line) of the general-text file."""
     file = general_file(cfg)
-    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = packs.read_passages(file)
     if not lines:
         raise ValueError(f"{file} holds no general text; the forgetting check needs some")
     return lines

@@ -45,6 +45,12 @@ def load_pack(name: str = DEFAULT_PACK) -> Pack:
     )
 
 
+def read_passages(file: Path) -> list[str]:
+    """The passages of a general-text file: its non-blank lines, stripped (the gate's forgetting
+    check and the trainer's forgetting curve read the same format)."""
+    return [line.strip() for line in Path(file).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def install_persona(pack: Pack) -> bool:
     """Make the pack's persona the served system prompt and its title the app's title, unless the
     config file already sets them. Returns whether the config file changed."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from assistant import paths
 from assistant.chat import build_messages, without_special_tokens
-from feedback import datasets
+from feedback import datasets, packs
 from feedback.datasets import SPLITS, DatasetError, load_split  # noqa: F401  (the trainer's names for them)
 
 IGNORE = -100
@@ -145,7 +145,7 @@ def read_general_text(file: str, skip: int = 0) -> list[str]:
     path = Path(file).expanduser()
     if not path.is_file():
         raise DatasetError(f"general text {path} does not exist (general_text in [train])")
-    passages = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][skip:]
+    passages = packs.read_passages(path)[skip:]
     if not passages:
         raise DatasetError(f"{path} holds no passages after the first {skip}; the forgetting curve needs some "
                            "(add passages, or lower general_skip)")
