@@ -5,6 +5,7 @@ real model by benchmarks/pack_result.py; a random tiny model has nothing to forg
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,77 @@ def test_training_with_replay_mixes_in_the_rows_and_records_them(tiny_model_dir)
     assert provenance["train_config"]["replay"] == 0.5
     assert provenance["replay"]["examples"] == 8 and Path(provenance["replay"]["file"]).is_file()
     assert json.loads((Path(plain.path) / "provenance.json").read_text())["replay"]["file"] is None
+
+
+def _lora_trainer(tiny_model_dir, **overrides):
+    from transformers import TrainingArguments
+
+    from assistant import paths
+    from trainer.config import resolve
+    from trainer.train import LoopTrainer, load_for_training
+
+    cfg = resolve(tiny_cfg(tiny_model_dir, method="lora", lora_dropout=0.0, precision="fp32", **overrides))
+    tokenizer, model = load_for_training(base_models.prepare(cfg.base_model), cfg)
+    args = TrainingArguments(output_dir=str(paths.home() / "scratch"), use_cpu=True, report_to="none")
+    return tokenizer, model, LoopTrainer(model=model, args=args)
+
+
+def test_distilled_replay_rows_cost_nothing_while_the_adapter_is_the_identity(tiny_model_dir):
+    from tests.test_trainer import encoded
+    from trainer import data
+
+    tokenizer, model, trainer = _lora_trainer(tiny_model_dir)
+    domain = encoded(tiny_model_dir, 2)
+    texts = replay.encode_texts(tokenizer, ["The river floods every spring.", "Bread rises in a warm kitchen."], 64, distil=True)
+    assert all(row["distil"] == 1 for row in texts)
+    collate = data.PadCollator(tokenizer.pad_token_id, share_prefix=True)
+    mixed = collate(domain + texts)
+    assert mixed["distil"].tolist() == [0, 0, 1, 1] and "prefix_ids" not in mixed
+    assert "distil" not in collate(domain), "batches without replay rows stay as they were"
+
+    def tokens(rows):
+        return sum(sum(label != data.IGNORE for label in row["labels"][1:]) for row in rows)
+
+    # A fresh LoRA adapter (B = 0) is the base itself: the KL term is zero, the domain rows' mean
+    # cross-entropy is spread over all the batch's tokens.
+    domain_only = trainer.compute_loss(model, collate(domain)).item()
+    both = trainer.compute_loss(model, mixed).item()
+    assert both == pytest.approx(domain_only * tokens(domain) / tokens(domain + texts), rel=1e-5)
+
+
+def test_distilled_replay_loss_is_the_kl_from_the_base_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from trainer import data
+
+    tokenizer, model, trainer = _lora_trainer(tiny_model_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)  # an adapter that has moved away from the base
+    rows = replay.encode_texts(tokenizer, ["The river floods every spring.", "Bread rises in a warm kitchen today."], 64, distil=True)
+    batch = data.PadCollator(tokenizer.pad_token_id)(rows)
+    model.zero_grad()
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+
+    # The same KL from a separately loaded base and the adapted model's own logits.
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        p = torch.log_softmax(base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1], -1)
+        q = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1], -1)
+    counted = batch["labels"][:, 1:] != data.IGNORE
+    expected = ((p.exp() * (p - q)).sum(-1) * counted).sum() / counted.sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert loss.item() > 1e-4, "the perturbed adapter should differ from the base"
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_training_with_distilled_replay_records_how_replay_was_learnt(tiny_model_dir):
+    write_snapshot(16, 4)
+    result = main(tiny_cfg(tiny_model_dir, replay=0.5))
+    assert result.replay_examples == 8 and result.steps == 6
+    provenance = json.loads((Path(result.path) / "provenance.json").read_text())
+    assert provenance["train_config"]["replay_loss"] == "kl"  # "auto" resolved for LoRA/QLoRA
+    assert math.isfinite(result.train_loss) and result.val_loss < result.base_val_loss

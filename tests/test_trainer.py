@@ -153,7 +153,7 @@ def test_shared_prefix_gives_the_same_loss_and_gradients_as_the_whole_batch(tiny
     from transformers import TrainingArguments
 
     from assistant import model as base_models
-    from trainer.train import SharedPrefixTrainer
+    from trainer.train import LoopTrainer
 
     cfg = resolve(tiny_cfg(tiny_model_dir, method="lora", lora_dropout=0.0, precision="fp32"))
     tokenizer, model = load_for_training(base_models.prepare(cfg.base_model), cfg)
@@ -161,7 +161,7 @@ def test_shared_prefix_gives_the_same_loss_and_gradients_as_the_whole_batch(tiny
     shared = data.shared_prefix_length(examples)
     served = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}], tokenize=False)
     assert tokenizer.decode(examples[0]["input_ids"][:shared]).startswith(served)
-    trainer = SharedPrefixTrainer(model=model, args=TrainingArguments(output_dir=str(paths.home() / "scratch"), use_cpu=True, report_to="none"))
+    trainer = LoopTrainer(model=model, args=TrainingArguments(output_dir=str(paths.home() / "scratch"), use_cpu=True, report_to="none"))
     results = {}
     for share in (False, True):
         model.zero_grad()
@@ -196,6 +196,12 @@ def test_config_range_checks_and_resolution_from_the_serve_config():
     assert (defaults.lora_r, defaults.lora_alpha, defaults.batch_size, defaults.epochs, defaults.replay) == (16, 32, 8, 2.0, 0.25)
     with pytest.raises(ConfigError, match="replay must be between"):
         TrainConfig(replay=-1)
+    assert cfg.replay_loss == "kl" and resolve(TrainConfig(method="full"), ServeConfig()).replay_loss == "tokens"
+    assert resolve(TrainConfig(replay_loss="tokens"), ServeConfig()).replay_loss == "tokens"
+    with pytest.raises(ConfigError, match="full fine-tuning has no adapter"):
+        resolve(TrainConfig(method="full", replay_loss="kl"), ServeConfig())
+    with pytest.raises(ConfigError, match="replay_loss must be"):
+        TrainConfig(replay_loss="mse")
     with pytest.raises(ConfigError, match="max_perplexity_ratio must be 0"):
         TrainConfig(general_text="g.txt", max_perplexity_ratio=0.5)
     assert defaults.target_list() == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -304,20 +310,23 @@ def test_early_stopping_never_triggers_with_patience_zero_or_on_improvement():
             assert not control.should_training_stop
 
 
-def test_weights_over_the_forgetting_bar_are_not_kept_and_count_as_no_improvement():
+def test_weights_over_the_forgetting_bar_are_not_kept_and_only_validation_loss_stops_training():
     model = torch.nn.Linear(2, 2)
     keeper = KeepBest(patience=2, max_ratio=1.25)
-    # (step, val loss, general-text perplexity): the baseline is 40, so the bar is 50.
-    for step, loss, perplexity in [(0, 5.0, 40.0), (10, 3.0, 44.0), (20, 2.0, 49.0), (30, 1.5, 60.0), (40, 1.2, 80.0)]:
+    # (step, val loss, general-text perplexity): the baseline is 40, so the bar is 50. Perplexity
+    # crosses the bar while the loss still falls (as at a high learning rate), then the loss rises.
+    steps = [(0, 5.0, 40.0), (10, 3.0, 44.0), (20, 2.0, 49.0), (30, 1.5, 60.0), (40, 1.2, 80.0), (50, 1.3, 45.0), (60, 1.4, 46.0)]
+    for step, loss, perplexity in steps:
         with torch.no_grad():
             model.weight.fill_(step)
         state, control = _state(step)
         keeper.on_evaluate(None, state, control, metrics={"eval_loss": loss, "eval_general_perplexity": perplexity}, model=model)
-        assert control.should_training_stop == (step == 40)  # two validations over the bar in a row
-    assert (keeper.best_step, keeper.best_loss, keeper.within_bar) == (20, 2.0, True)
-    assert keeper.best_ratio == pytest.approx(49 / 40)
+        assert control.should_training_stop == (step == 60), step  # two validations above the lowest loss (1.2)
+    # 50 is back within the bar with a lower loss than 20: kept, though 40 had the lowest loss.
+    assert (keeper.best_step, keeper.best_loss, keeper.within_bar) == (50, 1.3, True)
+    assert keeper.best_ratio == pytest.approx(45 / 40)
     keeper.restore(model)
-    assert torch.all(model.weight == 20)
+    assert torch.all(model.weight == 50)
 
 
 def test_when_nothing_is_within_the_forgetting_bar_the_lowest_loss_is_kept_until_something_is():

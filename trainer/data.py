@@ -112,6 +112,9 @@ class PadCollator:
             batch["input_ids"].append(list(f["input_ids"]) + [self.pad_id] * gap)
             batch["attention_mask"].append(list(f["attention_mask"]) + [0] * gap)
             batch["labels"].append(list(f["labels"]) + [IGNORE] * gap)
+        if any(f.get("distil") for f in features):
+            # Rows whose loss is the KL from the base model (trainer.replay); the others keep cross-entropy.
+            batch["distil"] = [int(bool(f.get("distil"))) for f in features]
         shared = shared_prefix_length(features) if self.share_prefix else 0
         if shared:
             # The model runs the prefix once and the rest of each row on its cache; the attention

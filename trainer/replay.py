@@ -2,11 +2,13 @@
 
 An adapter trained only on the domain drifts on everything else: on the shipped pack, 6 epochs
 took general-text perplexity to 5.5x the base model's, and the gate rejects such an adapter. Mixing
-in text the base model itself wrote, with the ordinary language-model loss on every token, pulls the
-adapted model back towards the base on general text: the loss on samples drawn from the base is a
-Monte Carlo estimate of the KL divergence from the base's distribution to the adapted model's
+in text the base model itself wrote pulls the adapted model back towards the base on general text
 (self-distillation replay). It needs no corpus, so it works for any base model, and it never sees
-the gate's general text.
+the gate's general text. Two losses (``TrainConfig.replay_loss``): ``"kl"`` (rows marked
+``distil``) is the KL divergence from the base's whole next-token distribution at every position
+to the adapted model's, the base being the training model with its adapter switched off
+(:class:`trainer.train.LoopTrainer`); ``"tokens"`` is the ordinary language-model loss on the
+sampled tokens, a Monte Carlo estimate of the same KL that a long run learns by heart.
 
 Samples are drawn once per base model (unconditional, from the token the tokenizer starts a text
 with) and cached under ``$TUNELOOP_HOME/models/replay/``; a later run that needs more extends the
@@ -92,14 +94,16 @@ def _generate(info: base_models.BaseModelInfo, device: str, seed: int, first_chu
     return texts
 
 
-def encode_texts(tokenizer, texts: list[str], max_length: int) -> list[dict]:
+def encode_texts(tokenizer, texts: list[str], max_length: int, distil: bool = False) -> list[dict]:
     """Training rows of plain text, tokenized as the forgetting check tokenizes it, loss on every token.
 
-    Texts that come out shorter than two tokens predict nothing and are dropped.
+    With ``distil`` the rows are marked (``"distil": 1``) for the trainer to learn the base model's
+    whole next-token distribution at every position instead of the sampled tokens
+    (``replay_loss = "kl"``). Texts that come out shorter than two tokens predict nothing and are dropped.
     """
     rows = []
     for text in texts:
         ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
         if len(ids) >= 2:
-            rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
+            rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)} | ({"distil": 1} if distil else {}))
     return rows
