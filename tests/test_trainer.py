@@ -193,7 +193,7 @@ def test_config_range_checks_and_resolution_from_the_serve_config():
     assert resolve(TrainConfig(), ServeConfig(quantization="none")).method == "lora"
     assert resolve(TrainConfig(method="full", lr=0.5), ServeConfig()).lr == 0.5
     defaults = TrainConfig()
-    assert (defaults.lora_r, defaults.lora_alpha, defaults.batch_size, defaults.epochs, defaults.replay) == (16, 32, 8, 2.0, 0.25)
+    assert (defaults.lora_r, defaults.lora_alpha, defaults.batch_size, defaults.epochs, defaults.replay) == (16, 32, 8, 5.0, 0.1)
     with pytest.raises(ConfigError, match="replay must be between"):
         TrainConfig(replay=-1)
     assert cfg.replay_loss == "kl" and resolve(TrainConfig(method="full"), ServeConfig()).replay_loss == "tokens"
