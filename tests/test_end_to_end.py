@@ -62,7 +62,7 @@ def retrain(max_steps: int, capsys) -> dict:
     # check are the defaults. tests/test_gate.py covers the bootstrap's rejection of noise.
     result = pipeline.main(
         pipeline.RetrainConfig(review_samples=0, few_shot_k=0),
-        # No replay: with it (the default) night 1 scored 0.813 after 20 steps and night 2 0.720
+        # No replay: with token replay 0.25 (the default then) night 1 scored 0.813 after 20 steps and night 2 0.720
         # after 60 on these 30 questions, and night 2 was rightly not promoted; which of two good
         # adapters wins on 30 questions is noise. This test is about the loop, not the recipe
         # (benchmarks/pack_result.py measures replay on the whole pack).
