@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from assistant import model as base_models
-from tests.test_trainer import tiny_cfg, tokenizer_of, write_snapshot
+from tests.test_trainer import lora_trainer, tiny_cfg, tokenizer_of, write_snapshot
 from trainer import replay
 from trainer.train import main
 
@@ -77,24 +77,11 @@ def test_training_with_replay_mixes_in_the_rows_and_records_them(tiny_model_dir)
     assert json.loads((Path(plain.path) / "provenance.json").read_text())["replay"]["file"] is None
 
 
-def _lora_trainer(tiny_model_dir, **overrides):
-    from transformers import TrainingArguments
-
-    from assistant import paths
-    from trainer.config import resolve
-    from trainer.train import LoopTrainer, load_for_training
-
-    cfg = resolve(tiny_cfg(tiny_model_dir, method="lora", lora_dropout=0.0, precision="fp32", **overrides))
-    tokenizer, model = load_for_training(base_models.prepare(cfg.base_model), cfg)
-    args = TrainingArguments(output_dir=str(paths.home() / "scratch"), use_cpu=True, report_to="none")
-    return tokenizer, model, LoopTrainer(model=model, args=args)
-
-
 def test_distilled_replay_rows_cost_nothing_while_the_adapter_is_the_identity(tiny_model_dir):
     from tests.test_trainer import encoded
     from trainer import data
 
-    tokenizer, model, trainer = _lora_trainer(tiny_model_dir)
+    tokenizer, model, trainer = lora_trainer(tiny_model_dir)
     domain = encoded(tiny_model_dir, 2)
     texts = replay.encode_texts(tokenizer, ["The river floods every spring.", "Bread rises in a warm kitchen."], 64, distil=True)
     assert all(row["distil"] == 1 for row in texts)
@@ -118,7 +105,7 @@ def test_distilled_replay_loss_is_the_kl_from_the_base_model(tiny_model_dir):
 
     from trainer import data
 
-    tokenizer, model, trainer = _lora_trainer(tiny_model_dir)
+    tokenizer, model, trainer = lora_trainer(tiny_model_dir)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

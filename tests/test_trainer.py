@@ -149,19 +149,25 @@ def test_collator_splits_off_the_prefix_every_example_shares_before_the_answer()
     assert "prefix_ids" not in data.PadCollator(pad_id=2)([a, b])
 
 
-def test_shared_prefix_gives_the_same_loss_and_gradients_as_the_whole_batch(tiny_model_dir):
+def lora_trainer(tiny_model_dir: Path, **overrides):
+    """A fresh LoRA model (fp32, no dropout: deterministic losses) and a LoopTrainer around it."""
     from transformers import TrainingArguments
 
     from assistant import model as base_models
     from trainer.train import LoopTrainer
 
-    cfg = resolve(tiny_cfg(tiny_model_dir, method="lora", lora_dropout=0.0, precision="fp32"))
+    cfg = resolve(tiny_cfg(tiny_model_dir, method="lora", lora_dropout=0.0, precision="fp32", **overrides))
     tokenizer, model = load_for_training(base_models.prepare(cfg.base_model), cfg)
+    args = TrainingArguments(output_dir=str(paths.home() / "scratch"), use_cpu=True, report_to="none")
+    return tokenizer, model, LoopTrainer(model=model, args=args)
+
+
+def test_shared_prefix_gives_the_same_loss_and_gradients_as_the_whole_batch(tiny_model_dir):
+    tokenizer, model, trainer = lora_trainer(tiny_model_dir)
     examples = encoded(tiny_model_dir, 4)
     shared = data.shared_prefix_length(examples)
     served = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}], tokenize=False)
     assert tokenizer.decode(examples[0]["input_ids"][:shared]).startswith(served)
-    trainer = LoopTrainer(model=model, args=TrainingArguments(output_dir=str(paths.home() / "scratch"), use_cpu=True, report_to="none"))
     results = {}
     for share in (False, True):
         model.zero_grad()
