@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -159,7 +160,7 @@ def lora_trainer(tiny_model_dir: Path, **overrides):
     cfg = resolve(tiny_cfg(tiny_model_dir, method="lora", lora_dropout=0.0, precision="fp32", **overrides))
     tokenizer, model = load_for_training(base_models.prepare(cfg.base_model), cfg)
     args = TrainingArguments(output_dir=str(paths.home() / "scratch"), use_cpu=True, report_to="none")
-    return tokenizer, model, LoopTrainer(model=model, args=args)
+    return tokenizer, model, LoopTrainer(model=model, args=args, neftune_alpha=cfg.neftune_alpha)
 
 
 def test_shared_prefix_gives_the_same_loss_and_gradients_as_the_whole_batch(tiny_model_dir):
@@ -181,6 +182,50 @@ def test_shared_prefix_gives_the_same_loss_and_gradients_as_the_whole_batch(tiny
         assert torch.allclose(results[True][1][name], grad, rtol=1e-4, atol=1e-6), name
     # Not vacuous: every LoRA B matrix got a gradient, so the equality above compared real gradients.
     assert all(grad.abs().sum() > 0 for name, grad in results[True][1].items() if "lora_B" in name)
+
+
+def test_neftune_noise_is_scaled_by_the_whole_row_and_only_perturbs_domain_batches_in_training(tiny_model_dir):
+    from trainer import replay
+
+    alpha = 5.0
+    tokenizer, model, trainer = lora_trainer(tiny_model_dir, neftune_alpha=alpha)
+    embeddings = model.get_input_embeddings()
+    noise = []  # per forward through the embeddings: (largest deviation from the clean embeddings, tokens)
+    embeddings.register_forward_hook(  # runs after the noise hook, so it sees what the model sees
+        lambda module, inputs, output: noise.append(((output - module.weight[inputs[0]]).abs().max().item(), inputs[0].shape[1])))
+    collate = data.PadCollator(tokenizer.pad_token_id, share_prefix=True)
+    batch = collate(encoded(tiny_model_dir, 4))
+    width, dim = batch["attention_mask"].shape[1], embeddings.weight.shape[1]
+    bound = alpha / math.sqrt(width * dim)
+
+    model.train()
+    trainer.compute_loss(model, dict(batch))
+    # Two forwards, the shared prefix and the rest of the rows, both with the noise of the whole row
+    # (splitting off the prefix changes nothing): uniform in [-bound, bound], so the largest of
+    # hundreds of draws is close to the bound.
+    assert [tokens for _, tokens in noise] == [batch["prefix_ids"].shape[1], batch["input_ids"].shape[1]]
+    assert all(0.9 * bound < largest <= bound * (1 + 1e-6) for largest, _ in noise), (noise, bound)
+    assert trainer._noise_length == 0, "no noise outside a training batch (the forgetting curve's forwards)"
+
+    noise.clear()
+    rows = replay.encode_texts(tokenizer, ["The river floods every spring.", "Bread rises in a warm kitchen."], 64, distil=True)
+    trainer.compute_loss(model, collate(rows))
+    assert noise and all(largest == 0 for largest, _ in noise), "replay rows and their base target stay clean"
+
+    noise.clear()
+    model.eval()
+    trainer.compute_loss(model, dict(batch))
+    assert noise and all(largest == 0 for largest, _ in noise), "validation sees clean embeddings"
+
+
+def test_training_with_neftune_records_it_and_still_learns(tiny_model_dir):
+    write_snapshot(16, 4)
+    result = main(tiny_cfg(tiny_model_dir, neftune_alpha=5.0))
+    provenance = json.loads((Path(result.path) / "provenance.json").read_text())
+    assert provenance["train_config"]["neftune_alpha"] == 5.0
+    assert math.isfinite(result.train_loss) and result.val_loss < result.base_val_loss
+    with pytest.raises(ConfigError, match="neftune_alpha"):
+        TrainConfig(neftune_alpha=-1.0)
 
 
 # --- config ----------------------------------------------------------------------------------------

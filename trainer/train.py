@@ -282,7 +282,26 @@ class LoopTrainer(Trainer):
       the base being the same model with its adapter switched off (no copy, and for QLoRA exactly
       the 4-bit base that is served). The other rows keep their cross-entropy; every token counts
       once in the mean, as in the stock loss.
+    - NEFTune (``neftune_alpha``): while training on a batch without replay rows, uniform noise of
+      magnitude alpha / sqrt(L * d) is added to the input embeddings, L being the batch's whole row
+      length (the shared prefix included, so splitting it off does not change the noise) and d the
+      embedding width, as in Jain et al. 2023. Stock Trainer's ``neftune_noise_alpha`` would scale
+      the prefix and the rest by their own lengths and would also perturb replay rows and the
+      base's forward that gives them their target.
     """
+
+    def __init__(self, *args, neftune_alpha: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.neftune_alpha = neftune_alpha
+        self._noise_length = 0  # row length of the batch being trained on; 0 = no noise now
+        if neftune_alpha:
+            self.model.get_input_embeddings().register_forward_hook(self._noisy_embeddings)
+
+    def _noisy_embeddings(self, module, inputs, output):
+        if not (module.training and self._noise_length):
+            return None  # the output unchanged
+        magnitude = self.neftune_alpha / math.sqrt(self._noise_length * output.shape[-1])
+        return output + torch.zeros_like(output).uniform_(-magnitude, magnitude)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         prefix = inputs.pop("prefix_ids", None)
@@ -291,12 +310,16 @@ class LoopTrainer(Trainer):
             if prefix is not None:  # the collator never shares a prefix with replay rows (their loss starts at token 1)
                 raise TrainError("a batch with distilled replay rows cannot share a prefix")
             return self._distil_loss(model, inputs, distil.bool(), return_outputs, num_items_in_batch)
-        if prefix is not None:
-            name = _cache_argument(model)
-            cache = getattr(model(input_ids=prefix, use_cache=True), name)
-            cache.batch_repeat_interleave(inputs["input_ids"].shape[0])
-            inputs = {**inputs, name: cache}
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        self._noise_length = inputs["attention_mask"].shape[1]  # the full width, prefix included
+        try:
+            if prefix is not None:
+                name = _cache_argument(model)
+                cache = getattr(model(input_ids=prefix, use_cache=True), name)
+                cache.batch_repeat_interleave(inputs["input_ids"].shape[0])
+                inputs = {**inputs, name: cache}
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        finally:
+            self._noise_length = 0
 
     def _distil_loss(self, model, inputs, distil, return_outputs, num_items_in_batch):
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
@@ -516,6 +539,7 @@ def fit(cfg: TrainConfig, tokenizer, model, train_set: list[dict], val_set: list
             eval_dataset=val_set,
             data_collator=collator or data.PadCollator(tokenizer.pad_token_id, share_prefix=share_prefix),
             callbacks=[*forgetting, keeper, timer, Progress(cfg.progress)],
+            neftune_alpha=cfg.neftune_alpha,
         )
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
