@@ -8,12 +8,19 @@ reports macro-F1 on 20 held-out questions per intent drawn from the remaining ro
 
 The project's reference figure is macro-F1 of about 0.81. By default the benchmark runs two
 regularisation strengths: C=1 (scikit-learn's default) and C=10 (the labeler's default).
+
+``--snapshot DIR`` draws the same bar on a dataset snapshot instead (``train.jsonl`` /
+``test.jsonl`` with ``question`` and ``label``, as ``tuneloop init`` writes for the Peach State
+Bank pack under ``$TUNELOOP_HOME/datasets``): the classifier the fine-tuned model should beat
+while still answering in words, scored on the same held-out questions as
+``benchmarks/pack_result.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
 import time
@@ -75,12 +82,36 @@ def main(data_dir: Path = DEFAULT_DATA, c: float = 10.0) -> dict[str, float]:
     return {"macro_f1": scores["f1"], "accuracy": scores["accuracy"], "n": scores["n"], "seconds": seconds}
 
 
+def snapshot_bar(folder: Path, c: float = 10.0) -> dict[str, float]:
+    """Fit on a snapshot's training questions, score its test questions; print and return the figures."""
+    splits = {}
+    for split in ("train", "test"):
+        path = Path(folder) / f"{split}.jsonl"
+        if not path.exists():
+            raise SystemExit(f"{path} not found: --snapshot takes a dataset folder with train.jsonl and test.jsonl")
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        splits[split] = [r for r in rows if r.get("label")]
+    start = time.perf_counter()
+    train, test = splits["train"], splits["test"]
+    labeler = AnswerLabeler(c=c).fit([r["question"] for r in train], [r["label"] for r in train])
+    scores = label_scores([r["label"] for r in test], labeler.predict([r["question"] for r in test]))
+    seconds = time.perf_counter() - start
+    print(f"{folder}: MiniLM + LogisticRegression(C={c}, class_weight=balanced) on the questions")
+    print(f"train {len(train)} questions, test {len(test)} ({len(scores['per_label'])} labels)")
+    print(f"macro-F1 {scores['f1']:.4f}  accuracy {scores['accuracy']:.4f}  n {scores['n']}  seconds {seconds:.1f}")
+    return {"macro_f1": scores["f1"], "accuracy": scores["accuracy"], "n": scores["n"], "seconds": seconds}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder holding banking77/")
     parser.add_argument(
         "--c", type=float, nargs="+", default=[1.0, 10.0], help="inverse regularisation strength(s) of the classifier"
     )
+    parser.add_argument("--snapshot", type=Path, help="a dataset snapshot folder to draw the bar on instead of Banking77")
     args = parser.parse_args()
     for c in args.c:
-        main(args.data, c)
+        if args.snapshot:
+            snapshot_bar(args.snapshot, c)
+        else:
+            main(args.data, c)
