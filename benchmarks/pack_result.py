@@ -32,7 +32,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=0, help="learning rate (default: the trainer's measured default)")
     parser.add_argument("--replay", type=float, default=0, help="base-model replay rows per training example (default: the trainer's)")
     parser.add_argument("--neftune", type=float, default=0, help="NEFTune noise alpha (default: the trainer's)")
-    parser.add_argument("--seed", type=int, default=0, help="training seed: adapter init, shuffling, dropout (default: the trainer's)")
+    parser.add_argument("--seed", type=int, default=None, help="training seed: adapter init, shuffling, dropout (default: the trainer's)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop training after N steps (0 = all epochs)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate on the first N test questions only (0 = all)")
     parser.add_argument("--output", help="also write the figures as JSON here")
@@ -50,7 +50,9 @@ def main() -> int:
     assert cli.main(["init"]) == 0
     overrides = {k: v for k, v in {"method": args.method, "epochs": args.epochs, "lr": args.lr,
                                    "max_steps": args.max_steps, "replay": args.replay,
-                                   "neftune_alpha": args.neftune, "seed": args.seed}.items() if v}
+                                   "neftune_alpha": args.neftune}.items() if v}
+    if args.seed is not None:  # 0 is a seed like any other
+        overrides["seed"] = args.seed
     # The nightly job as cron runs it (training's progress bar shows on stderr), minus the staff
     # review batch; the gate is the configured one.
     result = pipeline.main(pipeline.RetrainConfig(review_samples=0, limit=args.limit), train=TrainConfig(**overrides))
