@@ -72,14 +72,11 @@ def main(data_dir: Path = DEFAULT_DATA, c: float = 10.0) -> dict[str, float]:
         raise SystemExit(f"{path} not found: point --data or TUNELOOP_SHARED_DATA at the shared data folder")
     start = time.perf_counter()
     train, test = banking77_split(path)
-    # The labeler embeds inside fit/predict, so seconds include embedding 2,340 short questions.
-    labeler = AnswerLabeler(c=c).fit([r["text"] for r in train], [r["category"] for r in train])
-    scores = label_scores([r["category"] for r in test], labeler.predict([r["text"] for r in test]))
-    seconds = time.perf_counter() - start
-    print(f"banking77 baseline: MiniLM + LogisticRegression(C={c}, class_weight=balanced)")
-    print(f"train {len(train)} questions (stratified, seed 0), test {len(test)} ({len(scores['per_label'])} intents x 20)")
-    print(f"macro-F1 {scores['f1']:.4f}  accuracy {scores['accuracy']:.4f}  n {scores['n']}  seconds {seconds:.1f}")
-    return {"macro_f1": scores["f1"], "accuracy": scores["accuracy"], "n": scores["n"], "seconds": seconds}
+    return score_bar(
+        [(r["text"], r["category"]) for r in train], [(r["text"], r["category"]) for r in test], c, start,
+        f"banking77 baseline: MiniLM + LogisticRegression(C={c}, class_weight=balanced)",
+        f"train {len(train)} questions (stratified, seed 0), test {len(test)} ({{labels}} intents x 20)",
+    )
 
 
 def snapshot_bar(folder: Path, c: float = 10.0) -> dict[str, float]:
@@ -90,14 +87,23 @@ def snapshot_bar(folder: Path, c: float = 10.0) -> dict[str, float]:
         if not path.exists():
             raise SystemExit(f"{path} not found: --snapshot takes a dataset folder with train.jsonl and test.jsonl")
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        splits[split] = [r for r in rows if r.get("label")]
-    start = time.perf_counter()
-    train, test = splits["train"], splits["test"]
-    labeler = AnswerLabeler(c=c).fit([r["question"] for r in train], [r["label"] for r in train])
-    scores = label_scores([r["label"] for r in test], labeler.predict([r["question"] for r in test]))
+        splits[split] = [(r["question"], r["label"]) for r in rows if r.get("label")]
+    return score_bar(
+        splits["train"], splits["test"], c, time.perf_counter(),
+        f"{folder}: MiniLM + LogisticRegression(C={c}, class_weight=balanced) on the questions",
+        f"train {len(splits['train'])} questions, test {len(splits['test'])} ({{labels}} labels)",
+    )
+
+
+def score_bar(train: list[tuple[str, str]], test: list[tuple[str, str]], c: float, start: float,
+              title: str, sizes: str) -> dict[str, float]:
+    """Fit the labeler on (question, label) pairs, score the test pairs, print and return the figures."""
+    # The labeler embeds inside fit/predict, so seconds include embedding the questions.
+    labeler = AnswerLabeler(c=c).fit([q for q, _ in train], [label for _, label in train])
+    scores = label_scores([label for _, label in test], labeler.predict([q for q, _ in test]))
     seconds = time.perf_counter() - start
-    print(f"{folder}: MiniLM + LogisticRegression(C={c}, class_weight=balanced) on the questions")
-    print(f"train {len(train)} questions, test {len(test)} ({len(scores['per_label'])} labels)")
+    print(title)
+    print(sizes.format(labels=len(scores["per_label"])))
     print(f"macro-F1 {scores['f1']:.4f}  accuracy {scores['accuracy']:.4f}  n {scores['n']}  seconds {seconds:.1f}")
     return {"macro_f1": scores["f1"], "accuracy": scores["accuracy"], "n": scores["n"], "seconds": seconds}
 
