@@ -37,7 +37,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 from assistant import adapters  # noqa: E402
 from assistant import model as base_models
 from assistant.config import ConfigError
-from trainer import data, replay
+from trainer import augment, data, replay
 from trainer.config import TrainConfig, resolve
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,8 @@ class TrainResult:
     """Training examples used."""
     replay_examples: int
     """Replay rows of base-model text mixed in (``replay``); not counted in train_examples."""
+    augmented_examples: int
+    """Noisy copies of training questions (``augment``) included in train_examples."""
     val_examples: int
     """Validation examples used."""
     skipped_too_long: int
@@ -108,6 +110,9 @@ def main(cfg: TrainConfig) -> TrainResult:
     val_rows = data.load_split(snapshot.path, "val")
     _check_sizes(cfg, snapshot, len(train_rows), len(val_rows))
     general = data.read_general_text(cfg.general_text, cfg.general_skip) if cfg.general_text else None
+    # Validation and test questions are never roughened: only the training split gets noisy copies.
+    noisy_rows = augment.augment_rows(train_rows, cfg.augment, cfg.seed)
+    train_rows = train_rows + noisy_rows
 
     info = base_models.prepare(cfg.base_model)
     # Sampled (or read from the cache) before the training model loads, by a copy freed afterwards.
@@ -134,6 +139,7 @@ def main(cfg: TrainConfig) -> TrainResult:
         tokens_per_s=outcome.tokens_per_s,
         train_examples=len(train_set),
         replay_examples=len(replay_set),
+        augmented_examples=len(noisy_rows),
         val_examples=len(val_set),
         skipped_too_long=skipped_train + skipped_val,
         perplexity_ratio=outcome.perplexity_ratio,
