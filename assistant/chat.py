@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -203,11 +204,22 @@ class TransformersBackend:
     """The real model: 4-bit (or full-precision) base plus the current LoRA adapter, streamed."""
 
     def __init__(self, cfg: ServeConfig):
+        import torch
+
         from assistant import model as base_model
 
         self.cfg = cfg
+        # Every torch call on the model (loading, adapter swaps, generation) runs on threads the
+        # backend owns. On CPU that is one thread: each thread that runs torch ops keeps its own
+        # OpenMP team, and once there are more team threads than cores libgomp stops spinning and
+        # sleeps between parallel regions. Loading on one thread and generating on another made a
+        # one-token generate 145 ms instead of 110, and a fresh thread per answer put the chat
+        # path's first token at 1.7x plain generate's (benchmarks/serve.py). Concurrent chats
+        # take turns on it; on two cores parallel generations would only split the same cores.
+        gpu = cfg.device != "cpu" and torch.cuda.is_available()
+        self._model_thread = ThreadPoolExecutor(max_workers=cfg.concurrency if gpu else 1, thread_name_prefix="model")
         self.base = base_model.prepare(cfg.base_model)
-        self.tokenizer, self.model = base_model.load_base(self.base, cfg.quantization, cfg.device)
+        self.tokenizer, self.model = self.on_model_thread(base_model.load_base, self.base, cfg.quantization, cfg.device)
         self.peft = None
         self.active: str | None = None
         self.last_error: str | None = None
@@ -215,6 +227,10 @@ class TransformersBackend:
         self._watch = _PointerWatch()
         self._swap_lock = threading.Lock()
         self.sync_adapter()
+
+    def on_model_thread(self, fn: Callable, *args, **kwargs):
+        """Run ``fn`` on the model's thread and return its result (or raise its exception)."""
+        return self._model_thread.submit(fn, *args, **kwargs).result()
 
     @property
     def context_window(self) -> int:
@@ -237,9 +253,10 @@ class TransformersBackend:
             wanted = adapters.current_version()
             if wanted == self.active:
                 return
+            # Waits, in the caller's thread, for answers in flight: the model thread is then idle.
             with self._gate.writing():
                 try:
-                    self._activate(wanted)
+                    self.on_model_thread(self._activate, wanted)
                     self.last_error = None
                 except adapters.AdapterError as exc:
                     self.last_error = str(exc)
@@ -314,15 +331,15 @@ class TransformersBackend:
                     failure.append(exc)
                     streamer.end()
 
-            worker = threading.Thread(target=run, name="generate", daemon=True)
-            worker.start()
+            job = self._model_thread.submit(run)
             try:
                 yield from streamer
             finally:
-                # A customer who leaves mid-answer stops generation; the swap gate is released
-                # only after the worker is done with the weights.
+                # A customer who leaves mid-answer stops generation (or it never starts); the swap
+                # gate is released only after the worker is done with the weights.
                 cancelled.set()
-                worker.join()
+                if not job.cancel():
+                    job.result()
             if failure:
                 raise failure[0]
 

@@ -58,7 +58,7 @@ class ServeConfig:
     max_history_turns: int = 3
     """Earlier turns of the conversation included in the prompt."""
     concurrency: int = 4
-    """Chats generated at once by the Gradio queue."""
+    """Chats the Gradio queue serves at once; on CPU their generations take turns on the model's one thread (see TransformersBackend), on CUDA they run at once."""
     host: str = "127.0.0.1"
     """Address the server binds; 127.0.0.1 keeps it off the network."""
     port: int = 7860

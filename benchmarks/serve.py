@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -92,14 +93,16 @@ def measure(quantization: str, max_new_tokens: int, rounds: int) -> dict:
                 return_tensors="pt", return_dict=True)
             common = dict(do_sample=False, repetition_penalty=cfg.repetition_penalty,
                           pad_token_id=backend.tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                model.generate(**inputs, max_new_tokens=1, **common)
-            first = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=s.tokens_out, min_new_tokens=s.tokens_out, **common)
-            full = time.perf_counter() - t0
+            # On the backend's model thread, like the chat path: a second thread running torch
+            # ops would slow both (see TransformersBackend).
+            def plain(new_tokens: int):
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **common)
+                return out, time.perf_counter() - t0
+
+            _, first = backend.on_model_thread(plain, 1)
+            out, full = backend.on_model_thread(plain, s.tokens_out)
             produced = out.shape[1] - inputs["input_ids"].shape[1]
             base_ttft.append(first)
             base_tps.append((produced - 1) / max(full - first, 1e-9))
@@ -122,7 +125,10 @@ def main() -> None:
     args = parser.parse_args()
     rounds, max_new = (1, 32) if args.quick else (2, 64)
     torch.set_num_threads(os.cpu_count() or 1)
-    version = make_adapter()
+    # In a thread that ends: the main thread must not keep an OpenMP team of its own (see
+    # TransformersBackend); a finished thread's team goes with it.
+    with ThreadPoolExecutor(max_workers=1) as once:
+        version = once.submit(make_adapter).result()
     print(f"base: {prepare().model_id}  adapter: {version} (r=16, all projections)  threads: {torch.get_num_threads()}")
     print(f"{len(PROMPTS)} prompts x {rounds} rounds, greedy, up to {max_new} new tokens, medians")
     for quantization in ("nf4", "none"):

@@ -151,6 +151,48 @@ def test_answer_in_flight_finishes_on_its_adapter(tiny_backend, tiny_model_dir, 
     assert later["stats"].adapter == second
 
 
+def test_the_model_runs_on_one_thread_of_its_own(tiny_backend, tiny_cfg, tiny_model_dir):
+    # Every thread that runs torch ops keeps an OpenMP team, and more team threads than cores slow
+    # every forward pass: on CPU the model is loaded, swapped and run on one thread of its own.
+    seen = []
+    generate = tiny_backend.model.generate
+
+    def recording(*args, **kwargs):
+        seen.append(threading.current_thread())
+        return generate(*args, **kwargs)
+
+    tiny_backend.model.generate = recording
+    service = ChatService(tiny_cfg, tiny_backend)
+    for question in ("first", "second", "third"):
+        text, stats = answer(service, question)
+        assert stats.tokens_out > 0
+    assert len(seen) == 3 and len(set(seen)) == 1 and seen[0] is not threading.current_thread()
+    assert seen[0].name.startswith("model") and seen[0].is_alive()
+    assert tiny_backend.on_model_thread(threading.current_thread) is seen[0]
+
+    # A customer who leaves mid-answer: the answer's generator is closed, which waits for its
+    # generation to stop and releases the weights; the same thread answers the next question.
+    # Chats at once take turns on it, and an adapter swap waits for them, on the same thread.
+    stream = service.answer("leaving early")
+    next(iter(stream))
+    stream.pieces.close()
+    assert tiny_backend._gate._readers == 0
+    assert answer(service, "after")[1].tokens_out > 0 and seen[-1] is seen[0]
+    results = []
+    workers = [threading.Thread(target=lambda q=q: results.append(answer(service, q)[0])) for q in "abcdef"]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert len(results) == 6 and set(seen) == {seen[0]}
+    swapped_on = []
+    activate = tiny_backend._activate
+    tiny_backend._activate = lambda version: swapped_on.append(threading.current_thread()) or activate(version)
+    adapters.set_current(make_adapter(tiny_model_dir, 9), "test")
+    assert answer(service, "on the new adapter")[1].adapter == tiny_backend.active is not None
+    assert swapped_on == [seen[0]] and len(seen) == 12 and set(seen) == {seen[0]}
+
+
 @pytest.mark.parametrize("damage", ["pickle", "truncated", "other_base", "no_weights", "bad_config"])
 def test_bad_adapters_are_refused_and_previous_keeps_serving(damage, tiny_backend, tiny_model_dir, tiny_cfg):
     good = make_adapter(tiny_model_dir, 6)
