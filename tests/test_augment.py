@@ -9,9 +9,8 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.test_trainer import tiny_cfg, write_snapshot
+from tests.test_trainer import one_thread, tiny_cfg, write_snapshot  # noqa: F401  (one_thread: the trainer tests' autouse fixture)
 from trainer import augment
 from trainer.train import main
 
@@ -53,7 +52,8 @@ def test_a_noisy_copy_is_one_slip_and_or_texting_style_away_from_the_question():
                 assert len(word) >= 4 and word[0] == slipped[0] and word[-1] == slipped[-1]
                 assert edit_distance(word, slipped) <= 2 and abs(len(word) - len(slipped)) <= 1
                 styles.add("typo")
-            if noisy == noisy.lower() and noisy != question.lower() or noisy[-1:] not in "?.!" and question[-1:] in "?.!":
+            was_typed_formally = question != question.lower() or question.endswith(("?", ".", "!"))
+            if was_typed_formally and noisy == noisy.lower() and not noisy.endswith(("?", ".", "!")):
                 styles.add("texting")
     assert styles == {"typo", "texting", "ending"}
 
@@ -83,16 +83,7 @@ def test_copies_per_row_are_counted_reproducible_and_keep_answer_and_label():
     assert all(rows[i]["question"] == q for i, q in enumerate(QUESTIONS * 10)), "the input rows are not changed"
 
 
-@pytest.fixture()
-def one_thread(monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_training_adds_noisy_copies_of_the_training_split_only(tiny_model_dir, one_thread, monkeypatch):
+def test_training_adds_noisy_copies_of_the_training_split_only(tiny_model_dir, monkeypatch):
     snapshot = write_snapshot(16, 4)
     seen = []
     real = augment.augment_rows
