@@ -90,6 +90,17 @@ def validate(folder: Path, base_model_id: str, base_sha256: str) -> dict:
     return provenance
 
 
+def load_hints(folder: Path):
+    """The adapter's topic hints (:class:`assistant.hints.TopicHints`), None when it was trained
+    without them; refuses a damaged ``hints/`` folder like damaged weights."""
+    from assistant.hints import TopicHints
+
+    try:
+        return TopicHints.load(folder)
+    except ValueError as exc:
+        raise AdapterError(f"adapter {folder.name} refused: {exc}") from exc
+
+
 def read_provenance(folder: Path) -> dict:
     file = folder / PROVENANCE_FILE
     if not file.exists():

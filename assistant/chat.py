@@ -222,6 +222,9 @@ class TransformersBackend:
         self.tokenizer, self.model = self.on_model_thread(base_model.load_base, self.base, cfg.quantization, cfg.device)
         self.peft = None
         self.active: str | None = None
+        self.hints = None
+        """The active adapter's topic hints (assistant.hints), None for the base or an adapter without."""
+        self._hint_tokens = 0
         self.last_error: str | None = None
         self._gate = _SwapGate()
         self._watch = _PointerWatch()
@@ -237,7 +240,9 @@ class TransformersBackend:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
     def count_tokens(self, messages: list[dict]) -> int:
-        return len(self._encode(messages)["input_ids"][0])
+        # The topic hint is added when the answer starts (on the model thread, where the question
+        # classifier runs); room for the longest one is counted here.
+        return len(self._encode(messages)["input_ids"][0]) + self._hint_tokens
 
     def _encode(self, messages: list[dict]):
         return self.tokenizer.apply_chat_template(
@@ -266,10 +271,11 @@ class TransformersBackend:
         if version is None:
             if self.peft is not None:
                 self.peft.base_model.disable_adapter_layers()
-            self.active = None
+            self.active, self.hints, self._hint_tokens = None, None, 0
             return
         folder = adapters.adapter_path(version)
         adapters.validate(folder, self.base.model_id, self.base.sha256)
+        hints = adapters.load_hints(folder)
         from peft import PeftModel
 
         try:
@@ -288,7 +294,9 @@ class TransformersBackend:
             if name != version:
                 self.peft.delete_adapter(name)
         self.peft.eval()
-        self.active = version
+        self.active, self.hints = version, hints
+        # "\n\n" + the hint, plus a token of slack for how the join tokenizes.
+        self._hint_tokens = len(self.tokenizer("\n\n" + hints.longest_hint())["input_ids"]) + 1 if hints else 0
 
     def stream(self, messages: list[dict], stats: AnswerStats) -> Iterator[str]:
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -296,6 +304,9 @@ class TransformersBackend:
         self.sync_adapter()
         with self._gate.reading():
             stats.adapter = self.active
+            if self.hints is not None:
+                # Embedding the question is torch work: it runs on the model thread too.
+                messages = self.on_model_thread(self.hints.apply, [messages])[0]
             inputs = self._encode(messages).to(self.model.device)
             prompt_len = inputs["input_ids"].shape[1]
             stats.tokens_in = prompt_len

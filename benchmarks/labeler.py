@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
 
 from evals.labeler import AnswerLabeler, prepare_text  # noqa: E402
 from evals.metrics import label_scores  # noqa: E402
-from feedback.embeddings import load_embedder  # noqa: E402
+from assistant.embeddings import load_embedder  # noqa: E402
 
 DEFAULT_DATA = Path(os.environ.get("TUNELOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
 BAR = 0.95

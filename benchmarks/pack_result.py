@@ -8,7 +8,7 @@ and the promotion gate against the base model. Prints label F1 (the gate metric)
 ROUGE-L, latency and prompt tokens for each system, the training time and the gate's reasons. The
 README quotes this output.
 
-    .venv/bin/python benchmarks/pack_result.py [--method qlora] [--epochs 1] [--lr 0] [--replay 0] [--neftune 0] [--augment 0] [--seed N] [--limit 0]
+    .venv/bin/python benchmarks/pack_result.py [--method qlora] [--epochs 1] [--lr 0] [--replay 0] [--neftune 0] [--augment 0] [--hints 0] [--seed N] [--limit 0]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> int:
     parser.add_argument("--replay", type=float, default=0, help="base-model replay rows per training example (default: the trainer's)")
     parser.add_argument("--neftune", type=float, default=0, help="NEFTune noise alpha (default: the trainer's)")
     parser.add_argument("--augment", type=float, default=0, help="noisy copies per training question (default: the trainer's)")
+    parser.add_argument("--hints", type=int, default=None, help="topic hints: labels per prompt, 0 = none (default: the trainer's)")
     parser.add_argument("--seed", type=int, default=None, help="training seed: adapter init, shuffling, dropout (default: the trainer's)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop training after N steps (0 = all epochs)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate on the first N test questions only (0 = all)")
@@ -54,6 +55,8 @@ def main() -> int:
                                    "neftune_alpha": args.neftune, "augment": args.augment}.items() if v}
     if args.seed is not None:  # 0 is a seed like any other
         overrides["seed"] = args.seed
+    if args.hints is not None:  # 0 turns them off
+        overrides["hints"] = args.hints
     # The nightly job as cron runs it (training's progress bar shows on stderr), minus the staff
     # review batch; the gate is the configured one.
     result = pipeline.main(pipeline.RetrainConfig(review_samples=0, limit=args.limit), train=TrainConfig(**overrides))
@@ -65,7 +68,7 @@ def main() -> int:
     print(f"Peach State Bank pack, {reports['candidate']['n']} held-out test questions; base {provenance['base_model']} "
           f"served nf4 on CPU ({os.cpu_count()} cores)")
     print(f"recipe: {trained['method']}, r={config['lora_r']}, alpha={config['lora_alpha']}, lr={config['lr']}, "
-          f"epochs={config['epochs']}, batch={config['batch_size']}, replay={config['replay']}, neftune={config.get('neftune_alpha', 0)}, augment={config.get('augment', 0)}, seed={config['seed']}; "
+          f"epochs={config['epochs']}, batch={config['batch_size']}, replay={config['replay']}, neftune={config.get('neftune_alpha', 0)}, augment={config.get('augment', 0)}, hints={config.get('hints', 0)}, seed={config['seed']}; "
           f"{trained['train_examples']} train ({trained.get('augmented_examples', 0)} noisy copies) "
           f"+ {trained['replay_examples']} replay / "
           f"{trained['val_examples']} val examples; {trained['steps']} steps (best {trained['best_step']}), "

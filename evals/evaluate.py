@@ -2,8 +2,8 @@
 few-shot prompt of the base, scored by label F1, answer F1, ROUGE-L, BLEU, latency and length.
 
 Answers are generated the way the server generates them (the serve config's quantization, chat
-template, system prompt, ``max_new_tokens`` and ``repetition_penalty``), greedily, in left-padded
-batches. The 4-bit base is loaded once; adapters are attached to it with peft and switched, so
+template, system prompt, the adapter's topic hints, ``max_new_tokens`` and ``repetition_penalty``),
+greedily, in left-padded batches. The 4-bit base is loaded once; adapters are attached to it with peft and switched, so
 evaluating base, current and candidate costs one model load.
 
 Label F1: an :class:`~evals.labeler.AnswerLabeler`, fitted on the snapshot's training answers and
@@ -127,6 +127,10 @@ class ModelRunner:
 
         out: list[Generation] = []
         eos = self.tokenizer.eos_token_id
+        hints = adapters.load_hints(adapters.adapter_path(adapter)) if adapter is not None else None
+        if hints is not None:
+            # As served: the adapter's topic hints in each system message (assistant.hints).
+            conversations = hints.apply(conversations)
         with self._active(adapter) as model, torch.no_grad():
             for start in range(0, len(conversations), batch_size):
                 batch = conversations[start : start + batch_size]

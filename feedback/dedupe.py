@@ -46,7 +46,7 @@ import unicodedata
 import numpy as np
 import sqlite_utils
 
-from feedback import embeddings
+from assistant import embeddings
 
 NEAR_DUPLICATE_THRESHOLD = 0.90
 _NUMBER = re.compile(r"[#$]?\d[\d,.\-/]*")

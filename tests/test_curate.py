@@ -12,7 +12,8 @@ import pytest
 
 from assistant import paths
 from assistant.paths import sha256_file
-from feedback import curate, datasets, dedupe, embeddings
+from assistant import embeddings
+from feedback import curate, datasets, dedupe
 from feedback.db import connect
 from feedback.examples import ImportConfig, import_rows
 from test_data import QUESTIONS, rows_for  # tests/ is on sys.path (pytest rootdir import mode)

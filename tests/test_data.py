@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from feedback import dedupe, embeddings
+from assistant import embeddings
+from feedback import dedupe
 from feedback.db import connect
 from feedback.examples import DataImportError, ImportConfig, import_file, import_rows, split_counts
 

@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 OURS = {"assistant", "feedback", "trainer", "evals", "app", "cli", "pipeline"}
 ALLOWED = {
     "assistant": set(),
-    "feedback": {"assistant.paths", "assistant.config"},
+    "feedback": {"assistant.paths", "assistant.config", "assistant.embeddings"},
     "trainer": {"assistant", "feedback"},
     "evals": {"assistant", "feedback"},
     "app": {"assistant", "feedback"},

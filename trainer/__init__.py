@@ -100,6 +100,20 @@ and/or texting style -- with 2.5 epochs over the doubled rows, the same 640 step
 typo'd test questions the default missed stayed wrong, and 13 of its 21 misses were the default
 run's misses too.
 
+``hints`` (topic hints, assistant/hints.py: a MiniLM + logistic-regression question classifier,
+fitted on the training questions and saved in the adapter, names k likely products in each
+prompt's system message, in training -- cross-fitted -- evaluation and service). Offline, the two
+err on different questions: on the 115 test questions the classifier names the right product first
+for 83% and among its first three for 97%, and 9 of the 0.871 run's 17 misses are among its right
+ones. Trained with them, 4 epochs (512 steps), k=3: labels listed most likely first, label F1 0.839
+(perplexity 1.21x), and the model took the first label for 106 of 115 questions, so it scored like
+the classifier: 12 of its 18 misses were a wrong first label followed. Listed alphabetically, so
+there is no ranking to copy: 0.838 (1.19x, 27.8 min), the model chose among the three and chose
+wrong 13 times. 4 epochs without hints scored 0.824 (replay 0.25), so hints are within a seed's
+spread of nothing; they stay off. They also add ~25 prompt tokens (183 vs 158) and a question
+embedding per answer: time to first token 164 vs 157 ms on the same hinted prompt
+(``benchmarks/serve.py --quick --hints 3``, nf4; decode speed unchanged).
+
 bitsandbytes and fresh processes
 --------------------------------
 On CPUs with AVX512-BF16, a 4-bit layer that runs in eval mode without gradients repacks its

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from assistant import paths
 from assistant.chat import build_messages, without_special_tokens
+from assistant.hints import TopicHints, with_hint
 from feedback import datasets, packs
 from feedback.datasets import SPLITS, DatasetError, load_split  # noqa: F401  (the trainer's names for them)
 
@@ -60,14 +61,15 @@ def open_snapshot(dataset: str = "") -> Snapshot:
     return Snapshot(folder.name, folder.resolve(), manifest, paths.sha256_file(manifest_file))
 
 
-def encode_example(tokenizer, system_prompt: str, question: str, answer: str) -> dict:
+def encode_example(tokenizer, system_prompt: str, question: str, answer: str, hint: str = "") -> dict:
     """Token ids of one chat (the served prompt + the answer) with the loss on the answer only.
 
     Labels are ``IGNORE`` up to the assistant's content and after its end-of-turn token, so the
-    model learns the answer and when to stop, never the persona or the question.
+    model learns the answer and when to stop, never the persona, the topic hint or the question.
     """
     # Control-token strings are removed from the texts exactly as the server removes them from chats.
-    messages = without_special_tokens(build_messages(system_prompt, [], question) + [{"role": "assistant", "content": answer}], tokenizer)
+    prompt_messages = with_hint(build_messages(system_prompt, [], question), hint)
+    messages = without_special_tokens(prompt_messages + [{"role": "assistant", "content": answer}], tokenizer)
     prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=False)
     full = tokenizer.apply_chat_template(messages, return_dict=False)
     if full[: len(prompt)] != prompt:
@@ -84,11 +86,49 @@ def encode_example(tokenizer, system_prompt: str, question: str, answer: str) ->
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def encode_rows(tokenizer, system_prompt: str, rows: list[dict], max_length: int) -> tuple[list[dict], int]:
-    """Encoded examples of ``rows`` and how many were skipped for exceeding ``max_length``."""
-    encoded = [encode_example(tokenizer, system_prompt, str(r["question"]).strip(), str(r["answer"]).strip()) for r in rows]
+def encode_rows(tokenizer, system_prompt: str, rows: list[dict], max_length: int,
+                hints: list[str] | None = None) -> tuple[list[dict], int]:
+    """Encoded examples of ``rows`` (with ``hints[i]`` in row i's system message) and how many
+    were skipped for exceeding ``max_length``."""
+    hints = hints or [""] * len(rows)
+    encoded = [encode_example(tokenizer, system_prompt, str(r["question"]).strip(), str(r["answer"]).strip(), hint)
+               for r, hint in zip(rows, hints, strict=True)]
     kept = [e for e in encoded if len(e["input_ids"]) <= max_length]
     return kept, len(encoded) - len(kept)
+
+
+def labels_of(rows: list[dict]) -> set[str]:
+    """The distinct labels of ``rows`` (rows without one are not counted)."""
+    return {str(r["label"]) for r in rows if r.get("label") not in (None, "")}
+
+
+def topic_hints(train_rows: list[dict], val_rows: list[dict], k: int, seed: int,
+                folds: int = 5) -> tuple[TopicHints, list[str], list[str]]:
+    """The adapter's topic hints (a question classifier fitted on every labelled training row), and
+    the hint of each training and validation row.
+
+    A training row's hint comes from a classifier fitted on the other folds, never on the row
+    itself: fitted on everything, the classifier would name the right label first for nearly every
+    training question, and the model would learn to copy the first label, which in service is
+    wrong for about one question in six. Unlabelled rows get the full classifier's hint.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    question = [str(r["question"]).strip() for r in train_rows]
+    labelled = [i for i, r in enumerate(train_rows) if r.get("label") not in (None, "")]  # as in labels_of
+    labels = [str(train_rows[i]["label"]) for i in labelled]
+    if len(set(labels)) < 2:
+        raise DatasetError(f"topic hints need labelled training questions with at least two labels; the training split "
+                           f"has {len(labelled)} labelled rows and {len(set(labels))} labels (set hints = 0)")
+    full = TopicHints.fit([question[i] for i in labelled], labels, k)
+    hints = full.hints(question)
+    # Fewer folds when a label has fewer rows than folds (each fold then still sees most labels).
+    splits = max(2, min(folds, min(labels.count(label) for label in set(labels))))
+    for fit, held in StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed).split(labelled, labels):
+        part = TopicHints.fit([question[labelled[j]] for j in fit], [labels[j] for j in fit], k)
+        for j, hint in zip(held, part.hints([question[labelled[j]] for j in held])):
+            hints[labelled[j]] = hint
+    return full, hints, full.hints([str(r["question"]).strip() for r in val_rows])
 
 
 @dataclass

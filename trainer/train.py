@@ -37,6 +37,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 from assistant import adapters  # noqa: E402
 from assistant import model as base_models
 from assistant.config import ConfigError
+from assistant.hints import TopicHints
 from trainer import augment, data, replay
 from trainer.config import TrainConfig, resolve
 
@@ -114,13 +115,22 @@ def main(cfg: TrainConfig) -> TrainResult:
     noisy_rows = augment.augment_rows(train_rows, cfg.augment, cfg.seed)
     train_rows = train_rows + noisy_rows
 
+    hints, train_hints, val_hints = None, None, None
+    if cfg.hints and len(data.labels_of(train_rows)) < 2:
+        # Hints name labels: a dataset without them (answer-F1-only feedback) trains without.
+        log.warning("topic hints are off for this adapter: the training split has %d label(s), hints need two or more",
+                    len(data.labels_of(train_rows)))
+    elif cfg.hints:
+        # Before the base loads: the question classifier's embeddings are torch work of their own.
+        hints, train_hints, val_hints = data.topic_hints(train_rows, val_rows, cfg.hints, cfg.seed)
+
     info = base_models.prepare(cfg.base_model)
     # Sampled (or read from the cache) before the training model loads, by a copy freed afterwards.
     replay_texts = replay.base_samples(info, round(cfg.replay * len(train_rows)), cfg.device, cfg.seed)
     tokenizer, model = load_for_training(info, cfg)
-    train_set, skipped_train = data.encode_rows(tokenizer, cfg.system_prompt, train_rows, cfg.max_length)
+    train_set, skipped_train = data.encode_rows(tokenizer, cfg.system_prompt, train_rows, cfg.max_length, train_hints)
     replay_set = replay.encode_texts(tokenizer, replay_texts, cfg.max_length, distil=cfg.replay_loss == "kl")
-    val_set, skipped_val = data.encode_rows(tokenizer, cfg.system_prompt, val_rows, cfg.max_length)
+    val_set, skipped_val = data.encode_rows(tokenizer, cfg.system_prompt, val_rows, cfg.max_length, val_hints)
     _check_sizes(cfg, snapshot, len(train_set), len(val_set), after_max_length=True)
 
     # Validation stays domain-only: early stopping and the kept weights follow the domain loss.
@@ -147,7 +157,7 @@ def main(cfg: TrainConfig) -> TrainResult:
         dataset=snapshot.version,
     )
     if outcome.is_main_process:
-        folder = export(cfg, info, snapshot, tokenizer, model, outcome, result)
+        folder = export(cfg, info, snapshot, tokenizer, model, outcome, result, hints)
         result.adapter, result.path = folder.name, str(folder)
     return result
 
@@ -586,7 +596,8 @@ def _history(log_history: list[dict], best_step: int, general_perplexity: dict[i
     return {"train": train, "val": val, "best_step": best_step}
 
 
-def export(cfg: TrainConfig, info, snapshot: data.Snapshot, tokenizer, model, outcome: FitOutcome, result: TrainResult) -> Path:
+def export(cfg: TrainConfig, info, snapshot: data.Snapshot, tokenizer, model, outcome: FitOutcome, result: TrainResult,
+           hints: TopicHints | None = None) -> Path:
     """Write the adapter folder into a hidden staging folder and rename it into place at the end,
     so a killed run leaves no half adapter under ``adapters/``."""
     version = adapters.new_version()
@@ -601,6 +612,8 @@ def export(cfg: TrainConfig, info, snapshot: data.Snapshot, tokenizer, model, ou
         else:
             # The embeddings are frozen; "auto" would look the base id up on the hub to check that.
             model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
+        if hints is not None:
+            hints.save(staging)  # served with this adapter, and only with it (assistant.hints)
         (staging / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
         weights = staging / (adapters.WEIGHTS_FILE if cfg.method != "full" else "model.safetensors")
         resolved = dataclasses.asdict(cfg)
@@ -631,6 +644,7 @@ def export(cfg: TrainConfig, info, snapshot: data.Snapshot, tokenizer, model, ou
                 "replay": {"examples": result.replay_examples,
                            "file": str(replay.cache_file(info, cfg.seed)) if result.replay_examples else None},
                 "system_prompt": cfg.system_prompt,
+                "topic_hints": {"k": hints.k, "labels": hints.classifier.classes} if hints else None,
                 "chat_template": tokenizer.chat_template,
                 "libraries": {name: _version(name) for name in LIBRARIES} | {"python": platform.python_version()},
                 "device": "cuda" if next(model.parameters()).device.type == "cuda" else "cpu",

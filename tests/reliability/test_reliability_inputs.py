@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from assistant import config as config_module
 from assistant.chat import ChatError, ChatService, ScriptedBackend
 from assistant.config import ConfigError, ServeConfig
-from feedback import auth, embeddings, examples, store, turns
+from assistant import embeddings
+from feedback import auth, examples, store, turns
 from feedback.db import connect
 from reliability_harness import (
     BAD_TEXTS,
