@@ -76,7 +76,8 @@ class TopicHints:
         return [with_hint(messages, hint) for messages, hint in zip(conversations, hints)]
 
     def longest_hint(self) -> str:
-        """The longest hint this classifier can produce: the prompt budget reserves room for it."""
+        """The hint of the ``k`` longest label names (in characters, a stand-in for tokens): the
+        prompt budget reserves room for it."""
         names = sorted(self.classifier.classes, key=lambda label: len(label), reverse=True)
         return hint_text(names[: self.k])
 

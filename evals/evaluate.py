@@ -3,8 +3,8 @@ few-shot prompt of the base, scored by label F1, answer F1, ROUGE-L, BLEU, laten
 
 Answers are generated the way the server generates them (the serve config's quantization, chat
 template, system prompt, the adapter's topic hints, ``max_new_tokens`` and ``repetition_penalty``),
-greedily, in left-padded batches. The 4-bit base is loaded once; adapters are attached to it with peft and switched, so
-evaluating base, current and candidate costs one model load.
+greedily, in left-padded batches. The 4-bit base is loaded once; adapters are attached to it with
+peft and switched, so evaluating base, current and candidate costs one model load.
 
 Label F1: an :class:`~evals.labeler.AnswerLabeler`, fitted on the snapshot's training answers and
 cached under ``$TUNELOOP_HOME/evals/labelers/``, predicts the product label of each generated answer;

@@ -110,7 +110,9 @@ def topic_hints(train_rows: list[dict], val_rows: list[dict], k: int, seed: int,
     A training row's hint comes from a classifier fitted on the other folds, never on the row
     itself: fitted on everything, the classifier would name the right label first for nearly every
     training question, and the model would learn to copy the first label, which in service is
-    wrong for about one question in six. Unlabelled rows get the full classifier's hint.
+    wrong for about one question in six. Unlabelled rows get the full classifier's hint. (With
+    ``augment``, a noisy copy can land in another fold than its original, whose classifier then
+    saw a near-copy of it; the two are not measured together.)
     """
     from sklearn.model_selection import StratifiedKFold
 
@@ -121,7 +123,10 @@ def topic_hints(train_rows: list[dict], val_rows: list[dict], k: int, seed: int,
         raise DatasetError(f"topic hints need labelled training questions with at least two labels; the training split "
                            f"has {len(labelled)} labelled rows and {len(set(labels))} labels (set hints = 0)")
     full = TopicHints.fit([question[i] for i in labelled], labels, k)
-    hints = full.hints(question)
+    unlabelled = sorted(set(range(len(question))) - set(labelled))
+    hints = [""] * len(question)
+    for i, hint in zip(unlabelled, full.hints([question[i] for i in unlabelled])):
+        hints[i] = hint
     # Fewer folds when a label has fewer rows than folds (each fold then still sees most labels).
     splits = max(2, min(folds, min(labels.count(label) for label in set(labels))))
     for fit, held in StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed).split(labelled, labels):

@@ -116,10 +116,11 @@ def main(cfg: TrainConfig) -> TrainResult:
     train_rows = train_rows + noisy_rows
 
     hints, train_hints, val_hints = None, None, None
-    if cfg.hints and len(data.labels_of(train_rows)) < 2:
+    labels = data.labels_of(train_rows)
+    if cfg.hints and len(labels) < 2:
         # Hints name labels: a dataset without them (answer-F1-only feedback) trains without.
         log.warning("topic hints are off for this adapter: the training split has %d label(s), hints need two or more",
-                    len(data.labels_of(train_rows)))
+                    len(labels))
     elif cfg.hints:
         # Before the base loads: the question classifier's embeddings are torch work of their own.
         hints, train_hints, val_hints = data.topic_hints(train_rows, val_rows, cfg.hints, cfg.seed)
