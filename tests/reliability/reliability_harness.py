@@ -122,7 +122,10 @@ def server(home: Path | str, **kwargs):
 def client(url: str):
     from gradio_client import Client
 
-    return Client(url, verbose=False, download_files=False)
+    # httpx's default 5 s connect timeout is a client's patience, not what these tests check: on a
+    # 2-core CPU without AVX-512, 50 customers connecting while a trainer subprocess runs waited
+    # longer than that twice (CI, 2026-11-29); nothing was lost, the customers gave up.
+    return Client(url, verbose=False, download_files=False, httpx_kwargs={"timeout": 60})
 
 
 def raw_get(port: int, path: str, timeout_s: float = 10) -> tuple[int, bytes]:
