@@ -122,9 +122,10 @@ def server(home: Path | str, **kwargs):
 def client(url: str):
     from gradio_client import Client
 
-    # httpx's default 5 s connect timeout is a client's patience, not what these tests check: on a
-    # 2-core CPU without AVX-512, 50 customers connecting while a trainer subprocess runs waited
-    # longer than that twice (CI, 2026-11-29); nothing was lost, the customers gave up.
+    # httpx's default 5 s timeouts are a client's patience, not what these tests check: on a 2-core
+    # CPU without AVX-512, 50 customers connecting while a trainer subprocess runs waited longer
+    # than that twice (CI, 2026-11-29); nothing was lost, the customers gave up. 60 s applies to
+    # connecting, reading and writing alike (httpx's single timeout value).
     return Client(url, verbose=False, download_files=False, httpx_kwargs={"timeout": 60})
 
 
