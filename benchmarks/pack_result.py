@@ -75,10 +75,11 @@ def main() -> int:
           f"stopped early: {trained['stopped_early']}; val loss {trained['base_val_loss']:.3f} -> {trained['val_loss']:.3f}"
           f"{forgetting(trained)}; "
           f"training {trained['seconds'] / 60:.1f} min ({trained['tokens_per_s']:.0f} real tokens/s)")
-    print(f"{'system':<18}{'label F1':>9}{'precision':>10}{'recall':>8}{'answer F1':>10}{'ROUGE-L':>8}"
+    print(f"{'system':<18}{'label F1':>9}{'95% CI':>13}{'precision':>10}{'recall':>8}{'answer F1':>10}{'ROUGE-L':>8}"
           f"{'latency s':>10}{'prompt tok':>11}")
     for name, r in rows.items():
-        print(f"{name:<18}{r['label_f1']:>9.3f}{r['label_precision']:>10.3f}"
+        low, high = r["f1_ci"]
+        print(f"{name:<18}{r['label_f1']:>9.3f}{f'{low:.3f}-{high:.3f}':>13}{r['label_precision']:>10.3f}"
               f"{r['label_recall']:>8.3f}{r['answer_f1']:>10.3f}{r['rouge_l']:>8.3f}"
               f"{r['latency_s']:>10.2f}{r['prompt_tokens']:>11.0f}")
     print(f"gate: {'promoted' if result['promoted'] else 'rejected'} {result['candidate']}")
@@ -87,7 +88,7 @@ def main() -> int:
     print(f"total {(time.perf_counter() - started) / 60:.1f} min")
     if args.output:
         Path(args.output).write_text(json.dumps({"train": trained, "gate": result, "systems": {
-            k: {m: v.get(m) for m in ("label_f1", "answer_f1", "rouge_l", "bleu", "latency_s", "prompt_tokens", "n")}
+            k: {m: v.get(m) for m in ("label_f1", "f1_ci", "answer_f1", "rouge_l", "bleu", "latency_s", "prompt_tokens", "n")}
             for k, v in rows.items()}}, indent=2))
     return 0
 

@@ -34,6 +34,8 @@ def cmd_eval(args) -> int:
         for key in ("f1", "label_f1", "answer_f1", "rouge_l", "bleu", "latency_s", "tokens_per_answer"):
             value = payload[key]
             print(f"{key:>18}: {'-' if value is None else round(value, 4)}")
+        low, high = payload["f1_ci"]
+        print(f"{'f1 95% CI':>18}: {low:.4f} - {high:.4f} (bootstrap over the {report['n']} test examples)")
         for role, base in payload.get("baselines", {}).items():
             print(f"{role + ' f1':>18}: {round(base['f1'], 4)} (prompt tokens {base['prompt_tokens']:.0f}, "
                   f"latency {base['latency_s']:.3f} s)")

@@ -300,7 +300,8 @@ def evaluate(
     Keys: ``adapter``, ``dataset``, ``n``, ``f1`` (the gate metric: label F1 when the test set has
     labels, else answer F1), ``metric``, ``label_f1``, ``answer_f1``, ``rouge_l``, ``bleu``,
     ``latency_s`` (per answer, batched), ``tokens_per_answer``, ``prompt_tokens``, ``few_shot_k``,
-    ``per_label``, ``confusions``, ``perplexity`` (on ``general_texts``, else None), ``examples``.
+    ``per_label``, ``confusions``, ``perplexity`` (on ``general_texts``, else None), ``f1_ci`` (95% bootstrap
+    interval of ``f1`` over the test examples, ``[low, high]``), ``examples``.
     """
     conversations = [build_messages(serve.system_prompt, list(shots or []), row["question"]) for row in test.examples]
     generations = runner.generate(conversations, adapter, batch_size)
@@ -332,6 +333,13 @@ def evaluate(
                       per_label=scores["per_label"], confusions=scores["confusions"])
     report["metric"] = "label_f1" if labeler else "answer_f1"
     report["f1"] = report[report["metric"]]
+    # How far the gate metric could move on another draw of as many questions (the pack's 115
+    # test questions: about +-0.06 of label F1), so one run's figure is read with its noise.
+    if labeler:
+        interval = metrics.bootstrap_interval(metrics.macro_f1, [row["label"] for row in test.examples], predicted)
+    else:
+        interval = metrics.bootstrap_interval(metrics.mean_score, None, per_example_f1)
+    report["f1_ci"] = [interval["ci_low"], interval["ci_high"]]
     report["examples"] = [
         {"id": row.get("id"), "question": row["question"], "reference": row["answer"], "label": row.get("label"),
          "answer": answer, "predicted_label": label, "answer_f1": score}

@@ -2,7 +2,8 @@
 
 Answer text is compared with SQuAD token F1 / exact match, ROUGE-L (``rouge_score``) and corpus
 BLEU (``sacrebleu``). Predicted intent labels are scored with scikit-learn. ``bootstrap_gain`` says
-whether system B beats system A by more than test-set luck, which is what the promotion gate needs.
+whether system B beats system A by more than test-set luck, which is what the promotion gate needs;
+``bootstrap_interval`` says how far one system's figure could move on another draw of test questions.
 """
 
 from __future__ import annotations
@@ -184,6 +185,41 @@ def bootstrap_gain(
         "ci_high": float(ci_high),
         "n_resamples": n,
     }
+
+
+def bootstrap_interval(
+    metric_fn: Callable[[Any, Any], float],
+    y_true: Sequence[Any] | None,
+    pred: Sequence[Any],
+    n: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, float]:
+    """Percentile bootstrap interval of one system's score on a test set.
+
+    How far the figure could move on another draw of as many test questions of the same kind:
+    ``n`` resamples of the examples with replacement, ``metric_fn(y_true[idx], pred[idx])`` on
+    each. Returns ``score`` (on the full set), ``ci_low`` and ``ci_high`` (the central ``level``
+    share of the resampled scores) and ``n_resamples``. Called like ``bootstrap_gain``:
+    ``bootstrap_interval(macro_f1, y_true, labels)`` or ``bootstrap_interval(mean_score, None, f1s)``.
+    """
+    pred = np.asarray(pred)
+    if y_true is not None:
+        y_true = np.asarray(y_true)
+        _check_aligned(pred, y_true)
+    elif len(pred) == 0:
+        raise ValueError("nothing to score: the lists are empty")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, not {n}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be between 0 and 1, not {level}")
+    rng = np.random.default_rng(seed)
+    scores = np.empty(n)
+    for i, idx in enumerate(rng.integers(0, len(pred), size=(n, len(pred)))):
+        scores[i] = metric_fn(None if y_true is None else y_true[idx], pred[idx])
+    tail = (1.0 - level) / 2 * 100
+    ci_low, ci_high = np.percentile(scores, [tail, 100 - tail])
+    return {"score": float(metric_fn(y_true, pred)), "ci_low": float(ci_low), "ci_high": float(ci_high), "n_resamples": n}
 
 
 def _check_aligned(first: Sequence[Any], second: Sequence[Any]) -> None:

@@ -163,6 +163,11 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>" if rows else "<p><em>none</em></p>"
 
 
+def _interval(bounds: list[float] | None) -> str | None:
+    """A bootstrap interval as text; None (shown as -) for reports written before intervals were."""
+    return None if not bounds else f"{bounds[0]:.3f}-{bounds[1]:.3f}"
+
+
 def _fmt(value) -> str:
     if value is None:
         return "-"
@@ -171,7 +176,7 @@ def _fmt(value) -> str:
 
 def _html(latest: dict, decision: dict | None, fixed: list[dict], broken: list[dict], shares: list[dict], plots: list[str]) -> str:
     systems = [
-        [role, r["adapter"] or "base", r["n"], r["f1"], r["label_f1"], r["answer_f1"], r["rouge_l"], r["bleu"],
+        [role, r["adapter"] or "base", r["n"], r["f1"], _interval(r.get("f1_ci")), r["label_f1"], r["answer_f1"], r["rouge_l"], r["bleu"],
          r["latency_s"], r["tokens_per_answer"], r["prompt_tokens"], r["perplexity"]]
         for role in ROLES if (r := latest.get(role))
     ]
@@ -192,7 +197,7 @@ def _html(latest: dict, decision: dict | None, fixed: list[dict], broken: list[d
                      + "".join(f"<li>{html.escape(r)}</li>" for r in decision["reasons"]) + "</ul>")
     parts += [
         "<h2>Latest evaluation: candidate and baselines</h2>",
-        _table(["role", "adapter", "n", "F1 (gate)", "label F1", "answer F1", "ROUGE-L", "BLEU", "latency s/answer",
+        _table(["role", "adapter", "n", "F1 (gate)", "F1 95% CI", "label F1", "answer F1", "ROUGE-L", "BLEU", "latency s/answer",
                 "tokens/answer", "prompt tokens", "general ppl"], systems),
         "".join(f"<p><img src='{html.escape(p)}' alt='{html.escape(p)}'></p>" for p in plots),
         f"<h2>Answers the candidate fixed ({len(fixed)} shown)</h2>", examples(fixed),

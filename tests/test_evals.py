@@ -73,6 +73,8 @@ def test_eval_json_keys_on_the_tiny_model(tiny_model_dir, capsys):
             "tokens_per_answer", "baselines"} <= set(payload)
     assert payload["n"] == 4 and payload["adapter"] is None and payload["metric"] == "label_f1"
     assert payload["f1"] == payload["label_f1"] and 0.0 <= payload["f1"] <= 1.0
+    low, high = payload["f1_ci"]
+    assert 0.0 <= low <= payload["f1"] <= high <= 1.0
     assert payload["baselines"]["few_shot"]["prompt_tokens"] > payload["baselines"]["base"]["prompt_tokens"]
     # The labeler was fitted once and cached under the home.
     assert list((paths.home() / "evals" / "labelers").glob("*/labeler.json"))
@@ -200,3 +202,8 @@ def test_report_writes_html_and_pngs(tuneloop_home):
     assert "the base model" in page and "<li>PASS gain" in page
     assert staff_review.f1_history_png() is not None
     assert "helpful share" in page
+    # Each figure with its 95% bootstrap interval: the candidate, right on all 20 questions, has
+    # nowhere to move; the base's label F1 could.
+    assert cand["f1"] == 1.0 and cand["f1_ci"] == [1.0, 1.0]
+    assert base["f1_ci"][0] < base["f1"] < base["f1_ci"][1]
+    assert "F1 95% CI" in page and "1.000-1.000" in page

@@ -14,6 +14,7 @@ from evals.metrics import (
     answer_f1,
     bleu,
     bootstrap_gain,
+    bootstrap_interval,
     exact_match,
     label_scores,
     macro_f1,
@@ -127,6 +128,45 @@ def test_bootstrap_on_per_example_answer_f1():
     assert result["p_not_better"] == 0.0
     with pytest.raises(ValueError):
         bootstrap_gain(mean_score, None, f1_a, f1_b[:-1])
+
+
+def test_bootstrap_interval_brackets_the_score_and_narrows_with_more_examples():
+    rng = np.random.default_rng(2)
+    names = [f"l{i}" for i in range(8)]
+    widths = {}
+    for size in (115, 1000):
+        truth = rng.choice(names, size)
+        pred = _labels(rng, truth, 0.85, names)
+        result = bootstrap_interval(macro_f1, truth, pred, n=500, seed=0)
+        assert result["score"] == pytest.approx(label_scores(list(truth), list(pred))["f1"])
+        assert result["ci_low"] < result["score"] < result["ci_high"]
+        assert result["n_resamples"] == 500
+        widths[size] = result["ci_high"] - result["ci_low"]
+        # The same seed gives the same interval; a narrower level a narrower one.
+        assert bootstrap_interval(macro_f1, truth, pred, n=500, seed=0) == result
+        narrow = bootstrap_interval(macro_f1, truth, pred, n=500, seed=0, level=0.5)
+        assert result["ci_low"] < narrow["ci_low"] < narrow["ci_high"] < result["ci_high"]
+    # About 1/sqrt(n): 115 questions give an interval about three times as wide as 1,000.
+    assert 2.0 < widths[115] / widths[1000] < 4.5
+    # A system right on every example has nowhere to move.
+    truth = rng.choice(names, 40)
+    assert bootstrap_interval(macro_f1, truth, truth.copy(), n=100)["ci_low"] == 1.0
+
+
+def test_bootstrap_interval_on_answer_f1_and_bad_input():
+    scores = [0.0, 1.0] * 30
+    result = bootstrap_interval(mean_score, None, scores, n=400)
+    assert result["score"] == 0.5 and result["ci_low"] < 0.5 < result["ci_high"]
+    for args, message in (
+        ((mean_score, None, []), "empty"),
+        ((macro_f1, ["a", "b"], ["a"]), "align"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            bootstrap_interval(*args)
+    with pytest.raises(ValueError, match="n must be"):
+        bootstrap_interval(mean_score, None, scores, n=0)
+    with pytest.raises(ValueError, match="level must be"):
+        bootstrap_interval(mean_score, None, scores, level=1.0)
 
 
 def test_perplexity_of_tiny_llama_is_finite_and_above_one(tiny_model_dir):
