@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
 
 from evals.labeler import AnswerLabeler  # noqa: E402
-from evals.metrics import label_scores  # noqa: E402
+from evals.metrics import bootstrap_interval, label_scores, macro_f1  # noqa: E402
 
 DEFAULT_DATA = Path(os.environ.get("TUNELOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -100,12 +100,16 @@ def score_bar(train: list[tuple[str, str]], test: list[tuple[str, str]], c: floa
     """Fit the labeler on (question, label) pairs, score the test pairs, print and return the figures."""
     # The labeler embeds inside fit/predict, so seconds include embedding the questions.
     labeler = AnswerLabeler(c=c).fit([q for q, _ in train], [label for _, label in train])
-    scores = label_scores([label for _, label in test], labeler.predict([q for q, _ in test]))
+    truth, predicted = [label for _, label in test], labeler.predict([q for q, _ in test])
+    scores = label_scores(truth, predicted)
+    interval = bootstrap_interval(macro_f1, truth, predicted)
     seconds = time.perf_counter() - start
     print(title)
     print(sizes.format(labels=len(scores["per_label"])))
-    print(f"macro-F1 {scores['f1']:.4f}  accuracy {scores['accuracy']:.4f}  n {scores['n']}  seconds {seconds:.1f}")
-    return {"macro_f1": scores["f1"], "accuracy": scores["accuracy"], "n": scores["n"], "seconds": seconds}
+    print(f"macro-F1 {scores['f1']:.4f} (95% CI {interval['ci_low']:.3f}-{interval['ci_high']:.3f})  "
+          f"accuracy {scores['accuracy']:.4f}  n {scores['n']}  seconds {seconds:.1f}")
+    return {"macro_f1": scores["f1"], "macro_f1_ci": [interval["ci_low"], interval["ci_high"]],
+            "accuracy": scores["accuracy"], "n": scores["n"], "seconds": seconds}
 
 
 if __name__ == "__main__":
