@@ -9,6 +9,12 @@ ROUGE-L, latency and prompt tokens for each system, the training time and the ga
 README quotes this output.
 
     .venv/bin/python benchmarks/pack_result.py [--method qlora] [--epochs 1] [--lr 0] [--replay 0] [--neftune 0] [--augment 0] [--hints 0] [--seed N] [--limit 0]
+    .venv/bin/python benchmarks/pack_result.py --home H --report-only   # reprint an earlier run's figures
+
+Each label F1 comes with its 95% bootstrap interval over the test questions, and the question
+classifier (MiniLM + logistic regression on the training questions, the bar to beat while
+answering in words) is scored on the same questions and compared with the fine-tuned model by a
+paired bootstrap.
 """
 
 from __future__ import annotations
@@ -38,17 +44,30 @@ def main() -> int:
     parser.add_argument("--max-steps", type=int, default=0, help="stop training after N steps (0 = all epochs)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate on the first N test questions only (0 = all)")
     parser.add_argument("--output", help="also write the figures as JSON here")
+    parser.add_argument("--report-only", action="store_true",
+                        help="print the figures of the newest nightly run already in --home; train nothing")
     args = parser.parse_args()
+    if args.report_only and not args.home:
+        parser.error("--report-only needs --home, the home of an earlier run")
     os.environ["TUNELOOP_HOME"] = args.home or tempfile.mkdtemp(prefix="tuneloop-pack-result-")
 
-    import cli
-    import pipeline
-    from assistant import adapters, paths
+    from assistant import paths
 
     paths.configure_environment()
+    started = time.perf_counter()
+    result = newest_run() if args.report_only else run(args)
+    report(result, args.output)
+    if not args.report_only:
+        print(f"total {(time.perf_counter() - started) / 60:.1f} min")
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    """``tuneloop init``, then the nightly job with the overrides given; returns the job's result."""
+    import cli
+    import pipeline
     from trainer.config import TrainConfig
 
-    started = time.perf_counter()
     assert cli.main(["init"]) == 0
     overrides = {k: v for k, v in {"method": args.method, "epochs": args.epochs, "lr": args.lr,
                                    "max_steps": args.max_steps, "replay": args.replay,
@@ -59,7 +78,23 @@ def main() -> int:
         overrides["hints"] = args.hints
     # The nightly job as cron runs it (training's progress bar shows on stderr), minus the staff
     # review batch; the gate is the configured one.
-    result = pipeline.main(pipeline.RetrainConfig(review_samples=0, limit=args.limit), train=TrainConfig(**overrides))
+    return pipeline.main(pipeline.RetrainConfig(review_samples=0, limit=args.limit), train=TrainConfig(**overrides))
+
+
+def newest_run() -> dict:
+    """The candidate, verdict and reasons of the newest gate decision in the home's database."""
+    from evals import schema
+
+    rows = list(schema.connect().query("select candidate, promote, reasons from gate_decisions order by id desc limit 1"))
+    if not rows:
+        raise SystemExit(f"no gate decision under {os.environ['TUNELOOP_HOME']}: run pack_result.py without --report-only first")
+    return {"candidate": rows[0]["candidate"], "promoted": bool(rows[0]["promote"]), "reasons": json.loads(rows[0]["reasons"])}
+
+
+def report(result: dict, output: str | None) -> None:
+    """Print the figures of a finished run (and write them as JSON to ``output``)."""
+    from assistant import adapters
+
     folder = adapters.adapter_path(result["candidate"])
     reports = json.loads((folder / "eval_report.json").read_text())
     rows = {"base model": reports["base"], "base + few-shot": reports["few_shot"], "fine-tuned": reports["candidate"]}
@@ -75,22 +110,76 @@ def main() -> int:
           f"stopped early: {trained['stopped_early']}; val loss {trained['base_val_loss']:.3f} -> {trained['val_loss']:.3f}"
           f"{forgetting(trained)}; "
           f"training {trained['seconds'] / 60:.1f} min ({trained['tokens_per_s']:.0f} real tokens/s)")
-    print(f"{'system':<18}{'label F1':>9}{'95% CI':>13}{'precision':>10}{'recall':>8}{'answer F1':>10}{'ROUGE-L':>8}"
+    examples = stored_examples(result["candidate"])
+    for role, name in (("base", "base model"), ("few_shot", "base + few-shot"), ("candidate", "fine-tuned")):
+        if rows[name].get("f1_ci") is None:  # a run from before reports carried the interval
+            rows[name]["f1_ci"] = label_interval(examples[role])
+    bar = classifier_bar(examples["candidate"], reports["candidate"]["dataset"])
+    rows["question classifier"] = bar["report"]
+    print(f"{'system':<20}{'label F1':>9}{'95% CI':>13}{'precision':>10}{'recall':>8}{'answer F1':>10}{'ROUGE-L':>8}"
           f"{'latency s':>10}{'prompt tok':>11}")
     for name, r in rows.items():
-        low, high = r["f1_ci"]
-        print(f"{name:<18}{r['label_f1']:>9.3f}{f'{low:.3f}-{high:.3f}':>13}{r['label_precision']:>10.3f}"
-              f"{r['label_recall']:>8.3f}{r['answer_f1']:>10.3f}{r['rouge_l']:>8.3f}"
-              f"{r['latency_s']:>10.2f}{r['prompt_tokens']:>11.0f}")
+        interval = "-" if r.get("f1_ci") is None else f"{r['f1_ci'][0]:.3f}-{r['f1_ci'][1]:.3f}"
+        cells = [f"{r[k]:>{w}.{d}f}" if r.get(k) is not None else f"{'-':>{w}}" for k, w, d in
+                 (("answer_f1", 10, 3), ("rouge_l", 8, 3), ("latency_s", 10, 2), ("prompt_tokens", 11, 0))]
+        print(f"{name:<20}{r['label_f1']:>9.3f}{interval:>13}{r['label_precision']:>10.3f}{r['label_recall']:>8.3f}"
+              + "".join(cells))
+    gain = bar["gain"]
+    print(f"fine-tuned vs question classifier (paired bootstrap, n={bar['n']}): label F1 {gain['delta']:+.3f}, "
+          f"95% CI [{gain['ci_low']:+.3f}, {gain['ci_high']:+.3f}], p_not_better {gain['p_not_better']:.3f}")
     print(f"gate: {'promoted' if result['promoted'] else 'rejected'} {result['candidate']}")
     for reason in result["reasons"]:
         print(f"  {reason}")
-    print(f"total {(time.perf_counter() - started) / 60:.1f} min")
-    if args.output:
-        Path(args.output).write_text(json.dumps({"train": trained, "gate": result, "systems": {
+    if output:
+        Path(output).write_text(json.dumps({"train": trained, "gate": result, "classifier_gain": gain, "systems": {
             k: {m: v.get(m) for m in ("label_f1", "f1_ci", "answer_f1", "rouge_l", "bleu", "latency_s", "prompt_tokens", "n")}
             for k, v in rows.items()}}, indent=2))
-    return 0
+
+
+def stored_examples(candidate: str) -> dict[str, list[dict]]:
+    """Per-question rows (label, predicted label) of each system the candidate's nightly run evaluated."""
+    from evals import schema
+
+    db = schema.connect()
+    run_id = next(db.query("select run_id from eval_reports where role = 'candidate' and adapter = ? order by id desc limit 1",
+                           [candidate]))["run_id"]
+    rows = db.query("select role, report from eval_reports where run_id = ? order by id", [run_id])
+    return {row["role"]: json.loads(row["report"])["examples"] for row in rows}
+
+
+def label_interval(examples: list[dict]) -> list[float]:
+    """95% bootstrap interval of label F1 over the given per-question rows."""
+    from evals import metrics
+
+    interval = metrics.bootstrap_interval(metrics.macro_f1, [e["label"] for e in examples],
+                                          [e["predicted_label"] for e in examples])
+    return [interval["ci_low"], interval["ci_high"]]
+
+
+def classifier_bar(examples: list[dict], dataset: str) -> dict:
+    """The bar the fine-tuned model should beat, on the very test questions it answered.
+
+    MiniLM + logistic regression (C=1, the better of the two strengths ``banking77_baseline.py``
+    measures on the pack) fitted on the snapshot's training questions labels each test question
+    directly; a paired bootstrap then compares the candidate's labels with it question by question.
+    """
+    from assistant import paths
+    from evals import metrics
+    from evals.labeler import AnswerLabeler
+    from feedback import datasets
+
+    train = [r for r in datasets.load_split(paths.datasets_dir() / dataset, "train") if r.get("label")]
+    classifier = AnswerLabeler(c=1.0).fit([r["question"] for r in train], [r["label"] for r in train])
+    truth = [e["label"] for e in examples]
+    predicted = classifier.predict([e["question"] for e in examples])
+    scores = metrics.label_scores(truth, predicted)
+    interval = metrics.bootstrap_interval(metrics.macro_f1, truth, predicted)
+    return {
+        "n": len(examples),
+        "report": {"label_f1": scores["f1"], "f1_ci": [interval["ci_low"], interval["ci_high"]],
+                   "label_precision": scores["precision"], "label_recall": scores["recall"]},
+        "gain": metrics.bootstrap_gain(metrics.macro_f1, truth, predicted, [e["predicted_label"] for e in examples]),
+    }
 
 
 def forgetting(trained: dict) -> str:
