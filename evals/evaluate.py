@@ -333,8 +333,8 @@ def evaluate(
                       per_label=scores["per_label"], confusions=scores["confusions"])
     report["metric"] = "label_f1" if labeler else "answer_f1"
     report["f1"] = report[report["metric"]]
-    # How far the gate metric could move on another draw of as many questions (the pack's 115
-    # test questions: about +-0.06 of label F1), so one run's figure is read with its noise.
+    # How far the gate metric could move on another draw of as many questions (on the pack's 115
+    # test questions the interval of label F1 is about 0.14 wide), so one figure is read with its noise.
     if labeler:
         interval = metrics.bootstrap_interval(metrics.macro_f1, [row["label"] for row in test.examples], predicted)
     else:

@@ -170,12 +170,8 @@ def bootstrap_gain(
     size = len(pred_a)
     if n < 1:
         raise ValueError(f"n must be at least 1, not {n}")
-    rng = np.random.default_rng(seed)
-    indices = rng.integers(0, size, size=(n, size))
-    deltas = np.empty(n)
-    for i, idx in enumerate(indices):
-        truth = None if y_true is None else y_true[idx]
-        deltas[i] = metric_fn(truth, pred_b[idx]) - metric_fn(truth, pred_a[idx])
+    indices = np.random.default_rng(seed).integers(0, size, size=(n, size))
+    deltas = _resampled(metric_fn, y_true, pred_b, indices) - _resampled(metric_fn, y_true, pred_a, indices)
     delta = metric_fn(y_true, pred_b) - metric_fn(y_true, pred_a)
     ci_low, ci_high = np.percentile(deltas, [2.5, 97.5])
     return {
@@ -213,13 +209,16 @@ def bootstrap_interval(
         raise ValueError(f"n must be at least 1, not {n}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be between 0 and 1, not {level}")
-    rng = np.random.default_rng(seed)
-    scores = np.empty(n)
-    for i, idx in enumerate(rng.integers(0, len(pred), size=(n, len(pred)))):
-        scores[i] = metric_fn(None if y_true is None else y_true[idx], pred[idx])
+    scores = _resampled(metric_fn, y_true, pred, np.random.default_rng(seed).integers(0, len(pred), size=(n, len(pred))))
     tail = (1.0 - level) / 2 * 100
     ci_low, ci_high = np.percentile(scores, [tail, 100 - tail])
     return {"score": float(metric_fn(y_true, pred)), "ci_low": float(ci_low), "ci_high": float(ci_high), "n_resamples": n}
+
+
+def _resampled(metric_fn: Callable[[Any, Any], float], y_true: np.ndarray | None, pred: np.ndarray,
+               indices: np.ndarray) -> np.ndarray:
+    """``metric_fn`` on each resample: one row of example indices per resample."""
+    return np.array([metric_fn(None if y_true is None else y_true[idx], pred[idx]) for idx in indices])
 
 
 def _check_aligned(first: Sequence[Any], second: Sequence[Any]) -> None:
