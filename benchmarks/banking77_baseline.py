@@ -95,12 +95,16 @@ def snapshot_bar(folder: Path, c: float = 10.0) -> dict[str, float]:
     )
 
 
+def question_classifier(train: list[tuple[str, str]], questions: list[str], c: float) -> list[str]:
+    """The bar's predictions: the labeler fitted on (question, label) pairs, labelling ``questions``."""
+    return AnswerLabeler(c=c).fit([q for q, _ in train], [label for _, label in train]).predict(questions)
+
+
 def score_bar(train: list[tuple[str, str]], test: list[tuple[str, str]], c: float, start: float,
               title: str, sizes: str) -> dict[str, float]:
     """Fit the labeler on (question, label) pairs, score the test pairs, print and return the figures."""
     # The labeler embeds inside fit/predict, so seconds include embedding the questions.
-    labeler = AnswerLabeler(c=c).fit([q for q, _ in train], [label for _, label in train])
-    truth, predicted = [label for _, label in test], labeler.predict([q for q, _ in test])
+    truth, predicted = [label for _, label in test], question_classifier(train, [q for q, _ in test], c)
     scores = label_scores(truth, predicted)
     interval = bootstrap_interval(macro_f1, truth, predicted)
     seconds = time.perf_counter() - start

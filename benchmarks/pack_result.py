@@ -164,14 +164,13 @@ def classifier_bar(examples: list[dict], dataset: str) -> dict:
     directly; a paired bootstrap then compares the candidate's labels with it question by question.
     """
     from assistant import paths
+    from banking77_baseline import question_classifier
     from evals import metrics
-    from evals.labeler import AnswerLabeler
     from feedback import datasets
 
-    train = [r for r in datasets.load_split(paths.datasets_dir() / dataset, "train") if r.get("label")]
-    classifier = AnswerLabeler(c=1.0).fit([r["question"] for r in train], [r["label"] for r in train])
+    train = [(r["question"], r["label"]) for r in datasets.load_split(paths.datasets_dir() / dataset, "train") if r.get("label")]
     truth = [e["label"] for e in examples]
-    predicted = classifier.predict([e["question"] for e in examples])
+    predicted = question_classifier(train, [e["question"] for e in examples], c=1.0)
     scores = metrics.label_scores(truth, predicted)
     interval = metrics.bootstrap_interval(metrics.macro_f1, truth, predicted)
     return {
