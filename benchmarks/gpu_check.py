@@ -4,13 +4,19 @@ perplexity) on CUDA, in one short run. Prints one JSON line per stage and a verd
 
     python benchmarks/gpu_check.py                       # the configured base model
     python benchmarks/gpu_check.py --tiny TOKENIZER_DIR  # a small random Llama with that tokenizer
+    python benchmarks/gpu_check.py --pack-snapshot DIR   # also the pack's default recipe on CUDA
 
 ``--tiny`` exists for machines the real weights cannot be copied to; it exercises the same code.
+``--pack-snapshot`` takes the dataset folder ``tuneloop init`` made elsewhere (``datasets/d0001``) and
+trains the nightly job's default recipe on it with QLoRA on CUDA, the pack's persona and the gate's
+forgetting curve included. The adapter it writes can be copied back and scored on the same test
+questions with ``tuneloop eval --adapter VERSION`` where the answer labeler is installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -91,10 +97,45 @@ def evaluate_on_cuda(cfg, adapter: str, n: int = 16) -> dict:
     }
 
 
+def train_pack_recipe(base: str, snapshot: Path) -> dict:
+    """The nightly job's default recipe (QLoRA, every other field as ``tuneloop retrain`` sets it)
+    on a pack snapshot, on CUDA, in its own process."""
+    import pipeline
+    from evals.gate import GateConfig
+    from feedback.packs import load_pack
+    from trainer.config import TrainConfig
+    from trainer.train import train_in_subprocess
+
+    cfg = TrainConfig(base_model=base, method="qlora", device="cuda", dataset=str(snapshot.resolve()),
+                      system_prompt=load_pack().persona, progress=False)
+    cfg = dataclasses.replace(cfg, **pipeline.forgetting_settings(cfg, GateConfig()))
+    started = time.perf_counter()
+    trained = train_in_subprocess(cfg)
+    provenance = json.loads((Path(trained.path) / "provenance.json").read_text(encoding="utf-8"))
+    return {
+        "stage": "pack_recipe_cuda",
+        "ok": trained.val_loss < trained.base_val_loss and provenance["device"] == "cuda",
+        "adapter": trained.adapter,
+        "path": trained.path,
+        "precision": provenance.get("train_config", {}).get("precision"),
+        "train_examples": trained.train_examples,
+        "replay_examples": trained.replay_examples,
+        "base_val_loss": round(trained.base_val_loss, 4),
+        "val_loss": round(trained.val_loss, 4),
+        "best_step": trained.best_step,
+        "steps": trained.steps,
+        "stopped_early": trained.stopped_early,
+        "tokens_per_s": round(trained.tokens_per_s, 1),
+        "train_minutes": round(trained.seconds / 60, 2),
+        "minutes_with_process": round((time.perf_counter() - started) / 60, 2),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", type=Path, help="tokenizer folder for a small random Llama instead of the real base")
     parser.add_argument("--max-steps", type=int, default=40)
+    parser.add_argument("--pack-snapshot", type=Path, help="also train the default recipe on this dataset snapshot")
     args = parser.parse_args()
 
     import torch
@@ -110,6 +151,8 @@ def main() -> int:
     from trainer.config import TrainConfig
     from trainer.train import train_in_subprocess
 
+    if args.pack_snapshot and not (args.pack_snapshot / "manifest.json").is_file():
+        parser.error(f"{args.pack_snapshot} is not a dataset snapshot: manifest.json is missing")
     results, ok = [], True
     base = str(tiny_llama(args.tiny)) if args.tiny else ServeConfig().base_model
     cfg = ServeConfig(base_model=base, quantization="nf4", device="cuda", max_new_tokens=48)
@@ -136,9 +179,11 @@ def main() -> int:
 
     write_snapshot()
     started = time.perf_counter()
+    running = "qlora_train_cuda_subprocess"  # the stage an exception is reported under
     try:
         trained = train_in_subprocess(TrainConfig(base_model=base, method="qlora", device="cuda", max_steps=args.max_steps,
-                                                  eval_steps=10, lr=2e-3, progress=False))
+                                                  # 2e-3 for the random tiny model; the real one takes the measured default
+                                                  eval_steps=10, lr=2e-3 if args.tiny else 0.0, progress=False))
         results.append({
             "stage": "qlora_train_cuda_subprocess",
             "ok": trained.val_loss < trained.base_val_loss,
@@ -149,17 +194,25 @@ def main() -> int:
             "tokens_per_s": round(trained.tokens_per_s, 1),
             "seconds": round(time.perf_counter() - started, 1),
         })
+        running = "hot_swap_cuda"
         adapters.set_current(trained.adapter, "gpu check")
         stream = service.answer("How do I send a wire transfer?")
         text = "".join(stream)
         results.append({"stage": "hot_swap_cuda", "ok": stream.stats.adapter == trained.adapter and backend.last_error is None,
                         "adapter": stream.stats.adapter, "answer_changed": text != base_text, "answer": text[:120]})
+        running = "evaluate_cuda"
         results.append(evaluate_on_cuda(cfg, trained.adapter))
     except Exception as exc:  # report every stage, then fail
-        results.append({"stage": "qlora_train_cuda_subprocess", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
-    for item in results:
-        print(json.dumps(item))
-        ok = ok and item["ok"]
+        results.append({"stage": running, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    for item in results:  # the short check first: the pack's recipe takes minutes
+        print(json.dumps(item), flush=True)
+    if args.pack_snapshot:
+        try:
+            results.append(train_pack_recipe(base, args.pack_snapshot))
+        except Exception as exc:
+            results.append({"stage": "pack_recipe_cuda", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        print(json.dumps(results[-1]), flush=True)
+    ok = all(item["ok"] for item in results)
     print(json.dumps({"stage": "verdict", "ok": ok, "device": torch.cuda.get_device_name(0),
                       "torch": torch.__version__, "bitsandbytes": bnb.__version__}))
     return 0 if ok else 1
