@@ -137,6 +137,8 @@ def main() -> int:
     parser.add_argument("--max-steps", type=int, default=40)
     parser.add_argument("--pack-snapshot", type=Path, help="also train the default recipe on this dataset snapshot")
     args = parser.parse_args()
+    if args.pack_snapshot and not (args.pack_snapshot / "manifest.json").is_file():
+        parser.error(f"{args.pack_snapshot} is not a dataset snapshot: manifest.json is missing")
 
     import torch
 
@@ -151,9 +153,7 @@ def main() -> int:
     from trainer.config import TrainConfig
     from trainer.train import train_in_subprocess
 
-    if args.pack_snapshot and not (args.pack_snapshot / "manifest.json").is_file():
-        parser.error(f"{args.pack_snapshot} is not a dataset snapshot: manifest.json is missing")
-    results, ok = [], True
+    results = []
     base = str(tiny_llama(args.tiny)) if args.tiny else ServeConfig().base_model
     cfg = ServeConfig(base_model=base, quantization="nf4", device="cuda", max_new_tokens=48)
 
