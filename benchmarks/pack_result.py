@@ -113,7 +113,7 @@ def report(result: dict, output: str | None) -> None:
     examples = stored_examples(result["candidate"])
     for role, name in (("base", "base model"), ("few_shot", "base + few-shot"), ("candidate", "fine-tuned")):
         if rows[name].get("f1_ci") is None:  # a run from before reports carried the interval
-            rows[name]["f1_ci"] = label_interval(examples[role])
+            rows[name]["f1_ci"] = label_interval([e["label"] for e in examples[role]], [e["predicted_label"] for e in examples[role]])
     bar = classifier_bar(examples["candidate"], reports["candidate"]["dataset"])
     rows["question classifier"] = bar["report"]
     print(f"{'system':<20}{'label F1':>9}{'95% CI':>13}{'precision':>10}{'recall':>8}{'answer F1':>10}{'ROUGE-L':>8}"
@@ -147,12 +147,11 @@ def stored_examples(candidate: str) -> dict[str, list[dict]]:
     return {row["role"]: json.loads(row["report"])["examples"] for row in rows}
 
 
-def label_interval(examples: list[dict]) -> list[float]:
-    """95% bootstrap interval of label F1 over the given per-question rows."""
+def label_interval(truth: list[str], predicted: list[str]) -> list[float]:
+    """95% bootstrap interval of label F1, as the reports' ``f1_ci`` holds it."""
     from evals import metrics
 
-    interval = metrics.bootstrap_interval(metrics.macro_f1, [e["label"] for e in examples],
-                                          [e["predicted_label"] for e in examples])
+    interval = metrics.bootstrap_interval(metrics.macro_f1, truth, predicted)
     return [interval["ci_low"], interval["ci_high"]]
 
 
@@ -172,10 +171,9 @@ def classifier_bar(examples: list[dict], dataset: str) -> dict:
     truth = [e["label"] for e in examples]
     predicted = question_classifier(train, [e["question"] for e in examples], c=1.0)
     scores = metrics.label_scores(truth, predicted)
-    interval = metrics.bootstrap_interval(metrics.macro_f1, truth, predicted)
     return {
         "n": len(examples),
-        "report": {"label_f1": scores["f1"], "f1_ci": [interval["ci_low"], interval["ci_high"]],
+        "report": {"label_f1": scores["f1"], "f1_ci": label_interval(truth, predicted),
                    "label_precision": scores["precision"], "label_recall": scores["recall"]},
         "gain": metrics.bootstrap_gain(metrics.macro_f1, truth, predicted, [e["predicted_label"] for e in examples]),
     }
