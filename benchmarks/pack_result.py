@@ -10,6 +10,13 @@ README quotes this output.
 
     .venv/bin/python benchmarks/pack_result.py [--method qlora] [--epochs 1] [--lr 0] [--replay 0] [--neftune 0] [--augment 0] [--hints 0] [--seed N] [--limit 0]
     .venv/bin/python benchmarks/pack_result.py --home H --report-only   # reprint an earlier run's figures
+    .venv/bin/python benchmarks/pack_result.py --import benchmarks/data/pack_more_questions.jsonl --epochs 3.5
+
+``--import FILE`` adds labelled questions after ``tuneloop init``, as ``tuneloop data import FILE`` does:
+into train and val only, so the test questions and the base model's figures stay those of the pack.
+``benchmarks/data/pack_more_questions.jsonl`` holds 440 questions written for this (25 per product,
+40 out of scope), each reusing an answer of its label from the pack word for word: it measures what
+more varied training questions buy at the same number of training steps.
 
 Each label F1 comes with its 95% bootstrap interval over the test questions, and the question
 classifier (MiniLM + logistic regression on the training questions, the bar to beat while
@@ -43,6 +50,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None, help="training seed: adapter init, shuffling, dropout (default: the trainer's)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop training after N steps (0 = all epochs)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate on the first N test questions only (0 = all)")
+    parser.add_argument("--import", dest="import_file", metavar="FILE",
+                        help="after init, import these labelled questions into train and val (as `tuneloop data import`)")
     parser.add_argument("--output", help="also write the figures as JSON here")
     parser.add_argument("--report-only", action="store_true",
                         help="print the figures of the newest nightly run already in --home; train nothing")
@@ -69,6 +78,8 @@ def run(args: argparse.Namespace) -> dict:
     from trainer.config import TrainConfig
 
     assert cli.main(["init"]) == 0
+    if args.import_file:
+        assert cli.main(["data", "import", args.import_file]) == 0
     overrides = {k: v for k, v in {"method": args.method, "epochs": args.epochs, "lr": args.lr,
                                    "max_steps": args.max_steps, "replay": args.replay,
                                    "neftune_alpha": args.neftune, "augment": args.augment}.items() if v}
