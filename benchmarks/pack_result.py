@@ -16,7 +16,8 @@ README quotes this output.
 into train and val only, so the test questions and the base model's figures stay those of the pack.
 ``benchmarks/data/pack_more_questions.jsonl`` holds 440 questions written for this (25 per product,
 40 out of scope), each reusing an answer of its label from the pack word for word: it measures what
-more varied training questions buy at the same number of training steps.
+more varied training questions buy at about the same number of training steps (``--epochs`` scaled
+down to match).
 
 Each label F1 comes with its 95% bootstrap interval over the test questions, and the question
 classifier (MiniLM + logistic regression on the training questions, the bar to beat while
@@ -35,6 +36,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+RUN_ONLY = ("method", "epochs", "lr", "replay", "neftune", "augment", "hints", "seed", "max_steps", "limit", "import_file")
+"""Options that shape a new run, meaningless with ``--report-only``."""
 
 
 def main() -> int:
@@ -56,8 +61,14 @@ def main() -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="print the figures of the newest nightly run already in --home; train nothing")
     args = parser.parse_args()
-    if args.report_only and not args.home:
-        parser.error("--report-only needs --home, the home of an earlier run")
+    if args.report_only:
+        if not args.home:
+            parser.error("--report-only needs --home, the home of an earlier run")
+        # Training and evaluation options would be silently ignored: the figures are the earlier run's.
+        ignored = [action.option_strings[0] for action in parser._actions
+                   if action.dest in RUN_ONLY and getattr(args, action.dest) != action.default]
+        if ignored:
+            parser.error(f"--report-only trains nothing, so {', '.join(ignored)} would be ignored; drop them")
     os.environ["TUNELOOP_HOME"] = args.home or tempfile.mkdtemp(prefix="tuneloop-pack-result-")
 
     from assistant import paths
@@ -77,9 +88,10 @@ def run(args: argparse.Namespace) -> dict:
     import pipeline
     from trainer.config import TrainConfig
 
-    assert cli.main(["init"]) == 0
-    if args.import_file:
-        assert cli.main(["data", "import", args.import_file]) == 0
+    if cli.main(["init"]) != 0:
+        raise SystemExit("tuneloop init failed (its message is above); nothing was trained")
+    if args.import_file and cli.main(["data", "import", args.import_file]) != 0:
+        raise SystemExit(f"importing {args.import_file} failed (its message is above); nothing was trained")
     overrides = {k: v for k, v in {"method": args.method, "epochs": args.epochs, "lr": args.lr,
                                    "max_steps": args.max_steps, "replay": args.replay,
                                    "neftune_alpha": args.neftune, "augment": args.augment}.items() if v}
