@@ -68,6 +68,10 @@ class RetrainConfig:
     """Stop training after this many seconds (the run fails, nothing is promoted); 0 = no limit."""
     seed: int = 0
     """Seed of few-shot choice and review sampling."""
+    nice: int = 10
+    """How far `tuneloop retrain` lowers its own CPU priority (``nice``; its training process
+    inherits it), so that a server on the same machine answers customers first and the job runs on
+    the CPU they leave idle; 0 = unchanged. Only the command line applies it, not :func:`main`."""
 
     def __post_init__(self) -> None:
         check(self.limit >= 0, "limit must be 0 (all test examples) or positive")
@@ -75,6 +79,7 @@ class RetrainConfig:
         check(0 <= self.few_shot_k <= 32, "few_shot_k must be between 0 and 32")
         check(self.review_samples >= 0, "review_samples must be 0 (no review) or positive")
         check(self.train_timeout_s >= 0, "train_timeout_s must be 0 (no limit) or positive")
+        check(0 <= self.nice <= 19, "nice must be between 0 (unchanged) and 19 (lowest CPU priority)")
 
 
 def main(
@@ -308,11 +313,34 @@ def _now() -> str:
 # --- command line --------------------------------------------------------------------------------
 
 
+def lower_cpu_priority(increment: int) -> int:
+    """Raise this process's niceness by ``increment`` (capped at 19), on every thread it already has.
+
+    On Linux a priority belongs to a thread, and new threads (torch's, and any child process)
+    inherit their creator's; imports have already started some, so each one listed in
+    ``/proc/self/task`` is lowered, not only the calling thread as ``os.nice`` would. Elsewhere
+    ``os.nice`` lowers the whole process. Returns the niceness now in effect.
+    """
+    if increment <= 0:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return os.nice(increment)
+    niceness = min(19, os.getpriority(os.PRIO_PROCESS, 0) + increment)
+    for tid in os.listdir(tasks):
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
+        except ProcessLookupError:  # the thread ended since the listing
+            pass
+    return niceness
+
+
 def cmd_retrain(args) -> int:
     """Curate, train, evaluate, gate, promote: the nightly job (exit 0 whether promoted or not)."""
     cfg = from_args(RetrainConfig, "retrain", args, {"force": True if args.force else None})
     train = load(TrainConfig, "train", {"max_steps": args.train_max_steps, "epochs": args.train_epochs,
                                         "lr": args.train_lr, "method": args.train_method, "replay": args.train_replay})
+    lower_cpu_priority(cfg.nice)
     try:
         result = main(cfg, train)
     except RetrainBusy as exc:

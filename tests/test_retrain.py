@@ -22,15 +22,46 @@ from test_evals import write_config, write_snapshot
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_a_second_run_is_refused_while_one_holds_the_lock(tuneloop_home, capsys):
+def test_a_second_run_is_refused_while_one_holds_the_lock(tuneloop_home, capsys, monkeypatch):
     import cli
 
+    lowered = []  # the command lowers its CPU priority first; not this test process's
+    monkeypatch.setattr(pipeline, "lower_cpu_priority", lowered.append)
     with pipeline.retrain_lock():
         with pytest.raises(pipeline.RetrainBusy, match=f"pid {os.getpid()}"):
             pipeline.main(pipeline.RetrainConfig())
         assert cli.main(["retrain"]) == 3
         assert "another retrain is running" in capsys.readouterr().err
+        assert cli.main(["retrain", "--nice", "0"]) == 3
     assert schema.connect()["retrain_runs"].count == 0  # a refused run records nothing
+    assert lowered == [10, 0], "`tuneloop retrain` runs at nice 10 unless told otherwise"
+    assert cli.main(["retrain", "--nice", "20"]) == 2
+    assert "nice must be between 0 (unchanged) and 19" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread priorities are Linux's")
+def test_lowering_cpu_priority_reaches_threads_already_running_and_later_children():
+    # A thread started before the call (as imports start torch's), the caller, a thread started
+    # after, and a child process: all at the lowered priority. os.nice alone would miss the first.
+    code = """if True:
+        import json, os, subprocess, sys, threading, pipeline
+        stop = threading.Event()
+        early = threading.Thread(target=stop.wait); early.start()
+        before = os.getpriority(os.PRIO_PROCESS, 0)
+        now = pipeline.lower_cpu_priority(5)
+        late = threading.Thread(target=stop.wait); late.start()
+        threads = {tid: os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir("/proc/self/task")}
+        child = subprocess.run([sys.executable, "-c", "import os; print(os.getpriority(os.PRIO_PROCESS, 0))"],
+                               capture_output=True, text=True, check=True).stdout
+        stop.set()
+        print(json.dumps({"before": before, "now": now, "threads": threads, "child": int(child)}))
+    """
+    result = json.loads(subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                                       check=True).stdout)
+    expected = min(19, result["before"] + 5)
+    assert result["now"] == expected
+    assert len(result["threads"]) >= 3 and set(result["threads"].values()) == {expected}
+    assert result["child"] == expected
 
 
 def test_a_stale_lock_from_a_dead_process_is_recovered(tuneloop_home):
