@@ -326,13 +326,12 @@ def lower_cpu_priority(increment: int) -> int:
     tasks = Path("/proc/self/task")
     if not tasks.is_dir():
         return os.nice(increment)
-    niceness = min(19, os.getpriority(os.PRIO_PROCESS, 0) + increment)
-    for tid in os.listdir(tasks):
-        try:
-            os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
+    for tid in map(int, os.listdir(tasks)):
+        try:  # each thread from its own niceness: only ever lowered, which needs no privilege
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
         except ProcessLookupError:  # the thread ended since the listing
             pass
-    return niceness
+    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def cmd_retrain(args) -> int:
