@@ -100,7 +100,7 @@ def evaluate_on_cuda(cfg, adapter: str, n: int = 16) -> dict:
 def train_pack_recipe(base: str, snapshot: Path) -> dict:
     """The nightly job's default recipe (QLoRA, every other field as ``tuneloop retrain`` sets it)
     on a pack snapshot, on CUDA, in its own process."""
-    import pipeline
+    from tuneloop import pipeline
     from evals.gate import GateConfig
     from feedback.packs import load_pack
     from trainer.config import TrainConfig

@@ -84,8 +84,8 @@ def main() -> int:
 
 def run(args: argparse.Namespace) -> dict:
     """``tuneloop init``, then the nightly job with the overrides given; returns the job's result."""
-    import cli
-    import pipeline
+    from tuneloop import cli
+    from tuneloop import pipeline
     from trainer.config import TrainConfig
 
     if cli.main(["init"]) != 0:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import cli
+from tuneloop import cli
 
 REPO = Path(__file__).resolve().parents[1]
 

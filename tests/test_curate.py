@@ -230,7 +230,7 @@ def test_guardrails_refuse_warn_and_report_labels(db):
 
 
 def test_cli_curate_json(db, capsys):
-    import cli
+    from tuneloop import cli
 
     import_rows(db, rows_for(QUESTIONS))
     assert cli.main(["curate", "--dry-run", "--json", "--min-train-examples", "5", "--warn-train-examples", "5"]) == 0

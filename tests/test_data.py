@@ -211,7 +211,7 @@ def test_split_fractions_come_from_config(db):
 
 
 def test_cli_import_json_and_status(tmp_path, capsys):
-    import cli
+    from tuneloop import cli
 
     path = write_csv(tmp_path / "faq.csv", ["q,a,intent"] + [f'"{q}","A{i}.",topic{i % 3}' for i, q in enumerate(QUESTIONS)])
     assert cli.main(["data", "import", str(path), "--question-col", "q", "--answer-col", "a", "--label-col", "intent", "--json"]) == 0

@@ -17,8 +17,8 @@ import pytest
 from gradio_client import Client
 
 import app
-import cli
-import pipeline
+from tuneloop import cli
+from tuneloop import pipeline
 from assistant import adapters
 from assistant.chat import ChatService, TransformersBackend
 from assistant.config import ServeConfig, load

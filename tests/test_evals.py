@@ -63,7 +63,7 @@ def test_base_and_adapter_share_one_loaded_base(tiny_model_dir, tiny_serve):
 
 
 def test_eval_json_keys_on_the_tiny_model(tiny_model_dir, capsys):
-    import cli
+    from tuneloop import cli
 
     write_config(tiny_model_dir)
     write_snapshot()
@@ -82,7 +82,7 @@ def test_eval_json_keys_on_the_tiny_model(tiny_model_dir, capsys):
 
 
 def test_eval_reads_a_csv_file_with_named_columns(tiny_model_dir, tmp_path, capsys):
-    import cli
+    from tuneloop import cli
 
     write_config(tiny_model_dir)
     file = tmp_path / "extra.csv"
@@ -94,7 +94,7 @@ def test_eval_reads_a_csv_file_with_named_columns(tiny_model_dir, tmp_path, caps
 
 
 def test_eval_refuses_bad_input_with_a_clear_message(tiny_model_dir, tmp_path, capsys):
-    import cli
+    from tuneloop import cli
 
     write_config(tiny_model_dir)
     write_snapshot()

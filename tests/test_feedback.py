@@ -276,7 +276,7 @@ def test_export_is_chat_jsonl_of_gold_and_thumbs_up_only(db, staff):
 
 
 def test_staff_and_feedback_commands(db, monkeypatch, capsys, tmp_path):
-    import cli
+    from tuneloop import cli
     from assistant.config import DEFAULT_SYSTEM_PROMPT
 
     monkeypatch.setattr("sys.stdin", io.StringIO("a long password\n"))

@@ -171,7 +171,7 @@ def _fake_adapter(version: str) -> None:
 
 
 def test_rollback_restores_the_previous_pointer(tuneloop_home, capsys):
-    import cli
+    from tuneloop import cli
 
     for version in ("v1", "v2"):
         _fake_adapter(version)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-import cli
+from tuneloop import cli
 from assistant.config import ServeConfig, load
 from feedback import packs
 from feedback.datasets import latest_snapshot, load_split

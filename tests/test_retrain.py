@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import pipeline
+from tuneloop import pipeline
 from assistant import adapters, paths
 from evals import schema
 from evals.gate import GateConfig
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_second_run_is_refused_while_one_holds_the_lock(tuneloop_home, capsys, monkeypatch):
-    import cli
+    from tuneloop import cli
 
     lowered = []  # the command lowers its CPU priority first; not this test process's
     monkeypatch.setattr(pipeline, "lower_cpu_priority", lowered.append)
@@ -133,7 +133,7 @@ def test_kill_during_training_keeps_the_adapter_serving_and_the_next_run_recover
     adapters.set_current(serving, "in service before the retrain")
 
     # A long training run in its own process group, killed with SIGKILL (pipeline and trainer child).
-    code = ("import pipeline, sys; from trainer.config import TrainConfig; "
+    code = ("from tuneloop import pipeline; import sys; from trainer.config import TrainConfig; "
             f"pipeline.main(pipeline.RetrainConfig(dataset={str(snapshot)!r}), TrainConfig(max_steps=100000, min_train_examples=4, progress=False))")
     process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -517,7 +517,7 @@ def test_same_data_and_seed_give_the_same_adapter(tiny_model_dir):
 
 
 def test_refuses_missing_or_too_small_datasets(tiny_model_dir, tmp_path, capsys):
-    import cli
+    from tuneloop import cli
 
     with pytest.raises(data.DatasetError, match="no dataset snapshot"):
         main(tiny_cfg(tiny_model_dir))
@@ -601,7 +601,7 @@ def test_the_real_wrong_gradient_warning_is_caught(tiny_model_dir):
 
 
 def test_cli_train_prints_the_result_as_json(tiny_model_dir, capsys):
-    import cli
+    from tuneloop import cli
 
     write_snapshot(8, 2)
     code = cli.main([
@@ -616,7 +616,7 @@ def test_cli_train_prints_the_result_as_json(tiny_model_dir, capsys):
 
 
 def test_cli_train_help_lists_the_options():
-    import cli
+    from tuneloop import cli
 
     parser = cli.build_parser()
     with pytest.raises(SystemExit):

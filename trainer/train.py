@@ -43,7 +43,6 @@ from trainer.config import TrainConfig, resolve
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # The message PyTorch gives when bitsandbytes' inference-only 4-bit kernel ends up in a backward pass.
 BNB_TRAP = "autograd kernel was not registered"
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "datasets")
@@ -693,9 +692,12 @@ def train_in_subprocess(cfg: TrainConfig, timeout: float | None = None) -> Train
     with tempfile.TemporaryDirectory(prefix="tuneloop-train-") as scratch:
         config_file, result_file = Path(scratch) / "config.json", Path(scratch) / "result.json"
         config_file.write_text(json.dumps(dataclasses.asdict(cfg)), encoding="utf-8")
-        command = [sys.executable, "-m", "trainer.train", "--config-json", str(config_file), "--result-json", str(result_file)]
+        # -P: the working directory is not put on sys.path, so a trainer/ folder there cannot
+        # replace ours; relative paths in the config still resolve against the caller's directory.
+        command = [sys.executable, "-P", "-m", "trainer.train", "--config-json", str(config_file),
+                   "--result-json", str(result_file)]
         try:
-            completed = subprocess.run(command, cwd=REPO_ROOT, timeout=timeout, check=False)
+            completed = subprocess.run(command, timeout=timeout, check=False)
         except subprocess.TimeoutExpired as exc:
             raise TrainError(f"training did not finish within {timeout} s and was stopped") from exc
         if not result_file.exists():

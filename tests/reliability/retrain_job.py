@@ -63,7 +63,7 @@ def curate_loop(seconds: float, examples: int, tiny_model: str) -> dict:
 
 
 def promote(snapshot: str, candidate: str, pause: str) -> None:
-    import pipeline
+    from tuneloop import pipeline
 
     real_replace = os.replace
 

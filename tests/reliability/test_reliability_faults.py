@@ -64,7 +64,7 @@ def test_kill9_mid_answer_and_mid_vote_loses_no_acknowledged_row(tuneloop_home):
 
 @pytest.mark.parametrize("pause", ["before", "after"])
 def test_kill9_mid_promotion_leaves_a_whole_adapter_serving(pause, tuneloop_home, tiny_model_dir):
-    import pipeline
+    from tuneloop import pipeline
     from evals import schema
     from test_assistant import make_adapter
     from test_evals import write_snapshot

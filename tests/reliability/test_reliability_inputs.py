@@ -260,7 +260,7 @@ def _job_configs() -> list[tuple[type, str]]:
     from evals.gate import GateConfig
     from evals.report import ReportConfig
     from feedback.curate import CurateConfig
-    from pipeline import RetrainConfig
+    from tuneloop.pipeline import RetrainConfig
     from trainer.config import TrainConfig
 
     return [(ServeConfig, "serve"), (TrainConfig, "train"), (CurateConfig, "curate"), (examples.ImportConfig, "data"),
@@ -341,7 +341,7 @@ def cli_sandbox(tuneloop_home, tmp_path, monkeypatch):
     import assistant.model
     import evals.evaluate
     import evals.report
-    import pipeline
+    from tuneloop import pipeline
     import trainer.train
 
     def heavy(*args, **kwargs):
@@ -365,7 +365,7 @@ def _commands() -> list[tuple[list[str], list[str]]]:
     """Every (subcommand path, its option flags) of the real parser."""
     import argparse
 
-    import cli
+    from tuneloop import cli
 
     found = []
 
@@ -390,7 +390,7 @@ ARG = st.one_of(TEXT.filter(lambda t: "\x00" not in t).map(lambda t: t[:300]),
 @settings(FUZZ, max_examples=100)
 @given(data=st.data())
 def test_any_command_line_exits_with_a_code_never_a_traceback(data, cli_sandbox):
-    import cli
+    from tuneloop import cli
 
     path, flags = data.draw(st.sampled_from(_commands()))
     argv = list(path)
@@ -415,7 +415,7 @@ def test_any_command_line_exits_with_a_code_never_a_traceback(data, cli_sandbox)
 
 @pytest.mark.parametrize("output", [".", "/proc/no-such-dir/export.jsonl"])
 def test_export_to_an_unwritable_output_exits_with_a_code(output, cli_sandbox):
-    import cli
+    from tuneloop import cli
 
     cli_sandbox()
     assert cli.main(["feedback", "export", "--output", output]) != 0

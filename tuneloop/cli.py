@@ -16,7 +16,7 @@ from assistant import paths
 from assistant.config import ConfigError, ServeConfig, add_arguments, as_dict, from_args
 
 # Modules with ``add_commands(subparsers)`` (and optionally ``status_fields() -> dict``).
-COMMAND_MODULES: list[str] = ["feedback.cli", "trainer.cli", "feedback.data_cli", "evals.cli", "pipeline"]
+COMMAND_MODULES: list[str] = ["feedback.cli", "trainer.cli", "feedback.data_cli", "evals.cli", "tuneloop.pipeline"]
 
 
 def cmd_serve(args) -> int:
@@ -149,6 +149,17 @@ def cmd_init(args) -> int:
     return 0
 
 
+def demo_retrain_command(epochs: float) -> list[str]:
+    """The background retrain ``tuneloop demo`` starts.
+
+    One epoch by default: the first adapter promotes within the demo's sitting on a laptop CPU; the
+    nightly job uses the full [train] recipe. No replay: one epoch stays within the forgetting bar
+    without it, and sampling it costs minutes. ``-P`` keeps the working directory off ``sys.path``,
+    so a ``cli.py`` or ``tuneloop/`` where the user runs the demo cannot stand in for ours.
+    """
+    return [sys.executable, "-P", "-m", "tuneloop.cli", "retrain", "--epochs", str(epochs), "--replay", "0"]
+
+
 def cmd_demo(args) -> int:
     """Serve the chat at once and run the first retrain in the background; the promoted adapter swaps in live."""
     import subprocess
@@ -167,11 +178,7 @@ def cmd_demo(args) -> int:
     if not args.no_retrain:
         # Its own process: training must start from a freshly loaded base (bitsandbytes 4-bit trap)
         # and must never slow the server's event loop.
-        # One epoch: the first adapter promotes within the demo's sitting on a laptop CPU; the nightly
-        # job (`tuneloop retrain`) uses the full recipe from the [train] config. No replay: one epoch
-        # stays within the forgetting bar without it (1.13x measured), and sampling it costs ~2 min.
-        command = [sys.executable, "-m", "cli", "retrain", "--epochs", str(args.retrain_epochs), "--replay", "0"]
-        retrain = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        retrain = subprocess.Popen(demo_retrain_command(args.retrain_epochs), env={**os.environ, "PYTHONUNBUFFERED": "1"})
         print(f"tuneloop demo: first retrain started in the background (pid {retrain.pid}); watch its progress "
               "here and in the staff view", flush=True)
     try:
