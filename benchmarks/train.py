@@ -81,7 +81,8 @@ def run_variant(name: str, examples: int, val_examples: int, steps: int, batch_s
     from assistant import paths
     from trainer import data
     from trainer.config import TrainConfig, resolve
-    from trainer.train import effective_precision, fit, load_for_training
+    from trainer.loop import fit
+    from trainer.model import effective_precision, load_for_training
 
     paths.configure_environment()
     spec = VARIANTS[name]

@@ -18,17 +18,9 @@ from assistant import adapters, paths
 from assistant.config import ConfigError, ServeConfig
 from trainer import data
 from trainer.config import DEFAULT_LR, TrainConfig, resolve
-from trainer.train import (
-    effective_precision,
-    KeepBest,
-    TrainError,
-    bnb_trap_guard,
-    disable_cpu_inference_repack,
-    fit,
-    load_for_training,
-    main,
-    train_in_subprocess,
-)
+from trainer.loop import KeepBest, fit
+from trainer.model import TrainError, bnb_trap_guard, disable_cpu_inference_repack, effective_precision, load_for_training
+from trainer.train import main, train_in_subprocess
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM = "You answer bank customers in one sentence."
@@ -155,7 +147,7 @@ def lora_trainer(tiny_model_dir: Path, **overrides):
     from transformers import TrainingArguments
 
     from assistant import model as base_models
-    from trainer.train import LoopTrainer
+    from trainer.loop import LoopTrainer
 
     cfg = resolve(tiny_cfg(tiny_model_dir, method="lora", lora_dropout=0.0, precision="fp32", **overrides))
     tokenizer, model = load_for_training(base_models.prepare(cfg.base_model), cfg)

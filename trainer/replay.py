@@ -7,7 +7,7 @@ in text the base model itself wrote pulls the adapted model back towards the bas
 the gate's general text. Two losses (``TrainConfig.replay_loss``): ``"kl"`` (rows marked
 ``distil``) is the KL divergence from the base's whole next-token distribution at every position
 to the adapted model's, the base being the training model with its adapter switched off
-(:class:`trainer.train.LoopTrainer`); ``"tokens"`` is the ordinary language-model loss on the
+(:class:`trainer.loop.LoopTrainer`); ``"tokens"`` is the ordinary language-model loss on the
 sampled tokens, a Monte Carlo estimate of the same KL that a long run learns by heart.
 
 Samples are drawn once per base model (unconditional, from the token the tokenizer starts a text

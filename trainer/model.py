@@ -1,0 +1,113 @@
+"""The model a training run trains: a freshly loaded base prepared for the method (LoRA-wrapped,
+or fully trainable), the precision it trains in, and the guards that keep bitsandbytes' 4-bit
+layers from silently dropping gradients (see "bitsandbytes and fresh processes" in
+:mod:`trainer`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+
+import torch
+
+from assistant import model as base_models
+from trainer.config import TrainConfig
+
+# The message PyTorch gives when bitsandbytes' inference-only 4-bit kernel ends up in a backward pass.
+BNB_TRAP = "autograd kernel was not registered"
+
+
+class TrainError(RuntimeError):
+    """Training cannot run, or would produce a wrong adapter; the message says why."""
+
+
+def effective_precision(cfg: TrainConfig) -> str:
+    """``cfg.precision`` with "auto" decided for the device this run trains on."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    device = base_models.resolve_device(cfg.device)
+    native = torch.cuda.is_bf16_supported() if device == "cuda" else base_models.cpu_has_native_bf16()
+    return "bf16" if native else "fp32"
+
+
+def load_for_training(info: base_models.BaseModelInfo, cfg: TrainConfig):
+    """A freshly loaded base, prepared for ``cfg.method``: LoRA-wrapped, or fully trainable."""
+    from transformers import set_seed
+
+    tokenizer, model = base_models.load_base(info, "nf4" if cfg.method == "qlora" else "none", cfg.device,
+                                             bf16_compute=effective_precision(cfg) == "bf16")
+    if cfg.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        disable_cpu_inference_repack(model)
+        # Gradient checkpointing would trade time for memory a 135M model does not need.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    elif model.device.type == "cuda":
+        # fp32 master weights, bf16 autocast (TrainingArguments.bf16): pure-bf16 AdamW loses small updates.
+        model = model.float()
+    model.config.use_cache = False
+    set_seed(cfg.seed)  # the LoRA A matrices are drawn now; same seed, same start
+    if cfg.method == "full":
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return tokenizer, model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_list(),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    # adapters.validate and the server compare against the configured id, not a cache path.
+    model.peft_config["default"].base_model_name_or_path = info.model_id
+    return tokenizer, model
+
+
+def disable_cpu_inference_repack(model) -> None:
+    """Keep bitsandbytes' 4-bit weights in the layout whose kernel has a backward pass.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` repacks its weights for a faster inference-only
+    kernel the first time it runs in eval mode without gradients -- which every validation pass
+    does. Later backward passes through the repacked kernel silently drop gradients (PyTorch warns
+    "gemv_4bit: an autograd kernel was not registered"). A base that already ran inference is
+    refused: train on a freshly loaded one, in its own process.
+    """
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            raise TrainError(
+                "this 4-bit base model already ran inference and bitsandbytes repacked its weights for an "
+                "inference-only kernel; train on a freshly loaded base (tuneloop train, or train_in_subprocess)"
+            )
+    base_models.keep_4bit_layout(model)  # load_base did this already; kept here for callers' own models
+
+
+class _RaiseOnTrap(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        if BNB_TRAP in record.getMessage():
+            raise TrainError(f"bitsandbytes inference kernel in a backward pass, gradients would be wrong: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def bnb_trap_guard():
+    """Turn the bitsandbytes wrong-gradient warning (a Python warning or a log record) into :class:`TrainError`."""
+    handler = _RaiseOnTrap(level=logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=f".*{BNB_TRAP}.*")
+            try:
+                yield
+            except UserWarning as exc:
+                if BNB_TRAP in str(exc):
+                    raise TrainError(f"bitsandbytes inference kernel in a backward pass, gradients would be wrong: {exc}") from exc
+                raise
+    finally:
+        root.removeHandler(handler)
