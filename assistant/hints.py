@@ -15,7 +15,7 @@ copy the first one (it did for 106 of 115 test questions) and scored like the cl
 Training hints are cross-fitted (each training question's hint comes from a classifier that did
 not see it), so they are as often wrong in training as in service. The idea was that the two err
 on different questions; measured on the shipped pack, the model with hints did not score higher
-than without (``TrainConfig.hints`` is off by default; figures in trainer/__init__.py).
+than without (``TrainConfig.hints`` is off by default; figures in docs/results.md).
 
 The hint goes in the system turn, which customers cannot write: a customer typing "Topics that may
 fit..." only adds words to their own question. The hint belongs to the adapter: rolling back

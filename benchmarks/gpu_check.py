@@ -79,18 +79,18 @@ def evaluate_on_cuda(cfg, adapter: str, n: int = 16) -> dict:
     started = time.perf_counter()
     runner = evaluate.ModelRunner(cfg)
     report = evaluate.main(evaluate.EvalConfig(adapter=adapter, dataset=str(test_file), baselines=True, few_shot_k=2,
-                                               batch_size=8), serve=cfg, runner=runner)
+                                               batch_size=8), cfg, runner=runner)
     texts = general_texts(GateConfig())[:8]
     perplexity = {"base": runner.perplexity(texts, None), "candidate": runner.perplexity(texts, adapter)}
-    systems = {"candidate": report, **report["baselines"]}
-    figures = {name: r["answer_f1"] for name, r in systems.items()}
+    systems = {"candidate": report, **report.baselines}
+    figures = {name: r.answer_f1 for name, r in systems.items()}
     return {
         "stage": "evaluate_cuda",
-        "ok": (runner.model.device.type == "cuda" and report["n"] == n and report["metric"] == "answer_f1"
+        "ok": (runner.model.device.type == "cuda" and report.n == n and report.metric == "answer_f1"
                and all(0.0 <= f <= 1.0 for f in figures.values()) and all(math.isfinite(v) for v in perplexity.values())
-               and report["baselines"]["few_shot"]["prompt_tokens"] > report["baselines"]["base"]["prompt_tokens"]),
+               and report.baselines["few_shot"].prompt_tokens > report.baselines["base"].prompt_tokens),
         "model_device": str(runner.model.device),
-        "n": report["n"],
+        "n": report.n,
         "answer_f1": {k: round(v, 4) for k, v in figures.items()},
         "perplexity": {k: round(v, 2) for k, v in perplexity.items()},
         "seconds": round(time.perf_counter() - started, 1),
@@ -150,7 +150,7 @@ def main() -> int:
     from assistant import adapters
     from assistant.chat import ChatService, TransformersBackend
     from assistant.config import ServeConfig
-    from trainer.config import TrainConfig
+    from trainer.config import TrainConfig, resolve_configs
     from trainer.train import train_in_subprocess
 
     results = []
@@ -181,9 +181,10 @@ def main() -> int:
     started = time.perf_counter()
     running = "qlora_train_cuda_subprocess"  # the stage an exception is reported under
     try:
-        trained = train_in_subprocess(TrainConfig(base_model=base, method="qlora", device="cuda", max_steps=args.max_steps,
-                                                  # 2e-3 for the random tiny model; the real one takes the measured default
-                                                  eval_steps=10, lr=2e-3 if args.tiny else 0.0, progress=False))
+        train, _ = resolve_configs(TrainConfig(base_model=base, method="qlora", device="cuda", max_steps=args.max_steps,
+                                               # 2e-3 for the random tiny model; the real one takes the measured default
+                                               eval_steps=10, lr=2e-3 if args.tiny else 0.0, progress=False), cfg)
+        trained = train_in_subprocess(train)
         results.append({
             "stage": "qlora_train_cuda_subprocess",
             "ok": trained.val_loss < trained.base_val_loss,

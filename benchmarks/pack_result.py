@@ -6,7 +6,7 @@ then the nightly job ``tuneloop retrain`` with the default recipe (or the overri
 in its own process, evaluation of base, few-shot base and candidate in the served configuration,
 and the promotion gate against the base model. Prints label F1 (the gate metric), answer F1,
 ROUGE-L, latency and prompt tokens for each system, the training time and the gate's reasons. The
-README quotes this output.
+docs/results.md quotes this output.
 
     .venv/bin/python benchmarks/pack_result.py [--method qlora] [--epochs 1] [--lr 0] [--replay 0] [--neftune 0] [--augment 0] [--hints 0] [--seed N] [--limit 0]
     .venv/bin/python benchmarks/pack_result.py --home H --report-only   # reprint an earlier run's figures

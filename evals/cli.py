@@ -1,6 +1,6 @@
 """``tuneloop eval``, ``tuneloop adapters ...`` and ``tuneloop report``.
 
-``tuneloop retrain`` lives in :mod:`pipeline`, the one module allowed to import the trainer too.
+``tuneloop retrain`` lives in :mod:`tuneloop.pipeline`, the one module allowed to import the trainer too.
 """
 
 from __future__ import annotations
@@ -20,25 +20,25 @@ def cmd_eval(args) -> int:
     from feedback.datasets import DatasetError
 
     cfg = from_args(evaluate.EvalConfig, "eval", args, {"baselines": True if args.baselines else None})
+    serve = load(ServeConfig, "serve")  # what `tuneloop serve` and `tuneloop retrain` resolve too
     try:
-        report = evaluate.main(cfg)
+        report = evaluate.main(cfg, serve)
     except (DatasetError, adapters.AdapterError) as exc:
         print(f"tuneloop eval: {exc}", file=sys.stderr)
         return 2
     evaluate.record_report(schema.connect(), report, "manual")
-    payload = evaluate.summary(report)
     if args.json:
-        print(json.dumps(payload, indent=2))
+        print(json.dumps(report.to_json(examples=False), indent=2))
     else:
-        print(f"adapter {report['adapter'] or 'base'} on {report['dataset']} (n={report['n']})")
+        print(f"adapter {report.adapter or 'base'} on {report.dataset} (n={report.n})")
         for key in ("f1", "label_f1", "answer_f1", "rouge_l", "bleu", "latency_s", "tokens_per_answer"):
-            value = payload[key]
+            value = getattr(report, key)
             print(f"{key:>18}: {'-' if value is None else round(value, 4)}")
-        low, high = payload["f1_ci"]
-        print(f"{'f1 95% CI':>18}: {low:.4f} - {high:.4f} (bootstrap over the {report['n']} test examples)")
-        for role, base in payload.get("baselines", {}).items():
-            print(f"{role + ' f1':>18}: {round(base['f1'], 4)} (prompt tokens {base['prompt_tokens']:.0f}, "
-                  f"latency {base['latency_s']:.3f} s)")
+        low, high = report.f1_ci
+        print(f"{'f1 95% CI':>18}: {low:.4f} - {high:.4f} (bootstrap over the {report.n} test examples)")
+        for role, base in report.baselines.items():
+            print(f"{role + ' f1':>18}: {round(base.f1, 4)} (prompt tokens {base.prompt_tokens:.0f}, "
+                  f"latency {base.latency_s:.3f} s)")
     return 0
 
 

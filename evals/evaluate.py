@@ -22,9 +22,9 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from assistant import adapters, paths
 from assistant.chat import build_messages, without_special_tokens
@@ -285,6 +285,70 @@ def labeler_for(test: EvalSet) -> AnswerLabeler | None:
 # --- evaluation ----------------------------------------------------------------------------------
 
 
+@dataclass
+class EvalReport:
+    """One system's scores on one test set: what the gate compares, the report draws, the review
+    samples and ``tuneloop eval --json`` prints. Stored as :meth:`to_json` (``eval_reports.report``,
+    an adapter's ``eval_report.json``) and read back with :meth:`from_json`."""
+
+    adapter: str | None
+    """The adapter version evaluated; None for the base model (alone or few-shot)."""
+    dataset: str
+    """Dataset version (``d0003``) or file name of the test set."""
+    n: int
+    """Test examples scored."""
+    answer_f1: float
+    """Mean token F1 of each answer against its reference."""
+    rouge_l: float
+    bleu: float
+    latency_s: float
+    """Seconds per answer (batched generation)."""
+    tokens_per_answer: float
+    prompt_tokens: float
+    """Mean prompt length in tokens (few-shot prompts are longer)."""
+    few_shot_k: int
+    label_f1: float | None
+    """Macro F1 of the labels the labeler reads off the answers; None without labels."""
+    label_precision: float | None
+    """Macro precision of those labels; None without labels (or in reports stored before it was)."""
+    label_recall: float | None
+    per_label: dict
+    """Label -> precision, recall, F1 and support (empty without labels)."""
+    confusions: list
+    """The most frequent ``{"true", "predicted", "count"}`` mistakes."""
+    perplexity: float | None
+    """Perplexity on the gate's general text; None when not measured."""
+    metric: str
+    """The gate metric: "label_f1" when the test set has labels, else "answer_f1"."""
+    f1: float
+    """The gate metric's value."""
+    f1_ci: list[float] | None
+    """95% bootstrap interval of ``f1`` over the test examples, ``[low, high]``; None in reports stored before it was."""
+    examples: list[dict] = field(default_factory=list)
+    """Per test example: ``id``, ``question``, ``reference``, ``label``, ``answer``, ``predicted_label``, ``answer_f1``."""
+    baselines: dict[str, EvalReport] = field(default_factory=dict)
+    """``tuneloop eval --baselines``: the base model's and its few-shot prompt's reports."""
+
+    def to_json(self, examples: bool = True) -> dict[str, Any]:
+        """The report as JSON, keys as stored and printed since reports were dicts; ``examples=False``
+        leaves out the per-example rows (printing, ``eval_report.json``). ``baselines`` appears only
+        when there are some, always without their rows."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("examples", "baselines")}
+        if examples:
+            data["examples"] = self.examples
+        if self.baselines:
+            data["baselines"] = {role: report.to_json(examples=False) for role, report in self.baselines.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EvalReport:
+        """A stored report back (with or without its rows). Figures added since the first reports
+        (label precision and recall, ``f1_ci``) read as None in reports stored before them."""
+        values = {"label_precision": None, "label_recall": None, "f1_ci": None} | data
+        baselines = {role: cls.from_json(value) for role, value in values.pop("baselines", {}).items()}
+        return cls(**values, baselines=baselines)
+
+
 def evaluate(
     runner: Runner,
     test: EvalSet,
@@ -294,63 +358,53 @@ def evaluate(
     shots: list[tuple[str, str]] | None = None,
     batch_size: int = 16,
     general_texts: Sequence[str] | None = None,
-) -> dict:
+) -> EvalReport:
     """Generate and score answers of ``adapter`` (None = base) on ``test``; returns the report.
 
-    Keys: ``adapter``, ``dataset``, ``n``, ``f1`` (the gate metric: label F1 when the test set has
-    labels, else answer F1), ``metric``, ``label_f1``, ``answer_f1``, ``rouge_l``, ``bleu``,
-    ``latency_s`` (per answer, batched), ``tokens_per_answer``, ``prompt_tokens``, ``few_shot_k``,
-    ``per_label``, ``confusions``, ``perplexity`` (on ``general_texts``, else None), ``f1_ci`` (95% bootstrap
-    interval of ``f1`` over the test examples, ``[low, high]``), ``examples``.
+    The gate metric ``f1`` is label F1 when the test set has labels, else answer F1; ``perplexity``
+    is measured on ``general_texts`` when given.
     """
     conversations = [build_messages(serve.system_prompt, list(shots or []), row["question"]) for row in test.examples]
     generations = runner.generate(conversations, adapter, batch_size)
     answers = [g.text for g in generations]
     references = [row["answer"] for row in test.examples]
+    truth = [row.get("label") for row in test.examples]
     per_example_f1 = [metrics.answer_f1(a, r) for a, r in zip(answers, references)]
     predicted = labeler.predict(answers) if labeler else [None] * len(answers)
-    report: dict = {
-        "adapter": adapter,
-        "dataset": test.name,
-        "n": len(answers),
-        "answer_f1": sum(per_example_f1) / len(per_example_f1),
-        "rouge_l": metrics.rouge_l(answers, references),
-        "bleu": metrics.bleu(answers, references),
-        "latency_s": sum(g.latency_s for g in generations) / len(generations),
-        "tokens_per_answer": sum(g.tokens_out for g in generations) / len(generations),
-        "prompt_tokens": sum(g.prompt_tokens for g in generations) / len(generations),
-        "few_shot_k": len(shots or []),
-        "label_f1": None,
-        "label_precision": None,
-        "label_recall": None,
-        "per_label": {},
-        "confusions": [],
-        "perplexity": runner.perplexity(general_texts, adapter) if general_texts else None,
-    }
-    if labeler:
-        scores = metrics.label_scores([row["label"] for row in test.examples], predicted)
-        report.update(label_f1=scores["f1"], label_precision=scores["precision"], label_recall=scores["recall"],
-                      per_label=scores["per_label"], confusions=scores["confusions"])
-    report["metric"] = "label_f1" if labeler else "answer_f1"
-    report["f1"] = report[report["metric"]]
+    scores = metrics.label_scores(truth, predicted) if labeler else None
+    answer_f1 = sum(per_example_f1) / len(per_example_f1)
     # How far the gate metric could move on another draw of as many questions (on the pack's 115
     # test questions the interval of label F1 is about 0.14 wide), so one figure is read with its noise.
     if labeler:
-        interval = metrics.bootstrap_interval(metrics.macro_f1, [row["label"] for row in test.examples], predicted)
+        interval = metrics.bootstrap_interval(metrics.macro_f1, truth, predicted)
     else:
         interval = metrics.bootstrap_interval(metrics.mean_score, None, per_example_f1)
-    report["f1_ci"] = [interval["ci_low"], interval["ci_high"]]
-    report["examples"] = [
-        {"id": row.get("id"), "question": row["question"], "reference": row["answer"], "label": row.get("label"),
-         "answer": answer, "predicted_label": label, "answer_f1": score}
-        for row, answer, label, score in zip(test.examples, answers, predicted, per_example_f1)
-    ]
-    return report
-
-
-def summary(report: dict) -> dict:
-    """A report without its per-example rows (for printing and JSON output)."""
-    return {key: value for key, value in report.items() if key != "examples"}
+    return EvalReport(
+        adapter=adapter,
+        dataset=test.name,
+        n=len(answers),
+        answer_f1=answer_f1,
+        rouge_l=metrics.rouge_l(answers, references),
+        bleu=metrics.bleu(answers, references),
+        latency_s=sum(g.latency_s for g in generations) / len(generations),
+        tokens_per_answer=sum(g.tokens_out for g in generations) / len(generations),
+        prompt_tokens=sum(g.prompt_tokens for g in generations) / len(generations),
+        few_shot_k=len(shots or []),
+        label_f1=scores["f1"] if scores else None,
+        label_precision=scores["precision"] if scores else None,
+        label_recall=scores["recall"] if scores else None,
+        per_label=scores["per_label"] if scores else {},
+        confusions=scores["confusions"] if scores else [],
+        perplexity=runner.perplexity(general_texts, adapter) if general_texts else None,
+        metric="label_f1" if labeler else "answer_f1",
+        f1=scores["f1"] if scores else answer_f1,
+        f1_ci=[interval["ci_low"], interval["ci_high"]],
+        examples=[
+            {"id": row.get("id"), "question": row["question"], "reference": row["answer"], "label": row.get("label"),
+             "answer": answer, "predicted_label": label, "answer_f1": score}
+            for row, answer, label, score in zip(test.examples, answers, predicted, per_example_f1)
+        ],
+    )
 
 
 def resolve_adapter(name: str) -> str | None:
@@ -365,44 +419,44 @@ def resolve_adapter(name: str) -> str | None:
     return name
 
 
-def main(cfg: EvalConfig, serve: ServeConfig | None = None, runner: Runner | None = None) -> dict:
-    """Evaluate one adapter (and, with ``cfg.baselines``, the base and its few-shot prompt)."""
-    from assistant.config import load
-
-    serve = serve or load(ServeConfig, "serve")
+def main(cfg: EvalConfig, serve: ServeConfig, runner: Runner | None = None) -> EvalReport:
+    """Evaluate one adapter (and, with ``cfg.baselines``, the base and its few-shot prompt) in the
+    served configuration ``serve``, as the caller resolved it."""
     test = load_test_set(cfg)
     adapter = resolve_adapter(cfg.adapter)
     labeler = labeler_for(test)
     runner = runner or ModelRunner(serve)
     report = evaluate(runner, test, adapter, serve, labeler, batch_size=cfg.batch_size)
     if cfg.baselines:
-        report["baselines"] = {
-            BASE: summary(evaluate(runner, test, None, serve, labeler, batch_size=cfg.batch_size)),
-            "few_shot": summary(evaluate(runner, test, None, serve, labeler,
-                                         few_shot_examples(test.train, cfg.few_shot_k, cfg.seed), cfg.batch_size)),
+        report.baselines = {
+            BASE: evaluate(runner, test, None, serve, labeler, batch_size=cfg.batch_size),
+            "few_shot": evaluate(runner, test, None, serve, labeler,
+                                 few_shot_examples(test.train, cfg.few_shot_k, cfg.seed), cfg.batch_size),
         }
     return report
 
 
-def record_report(db, report: dict, role: str, run_id: int | None = None) -> int:
-    """Store a report in ``eval_reports`` (``role``: base, current, candidate, few_shot or manual)."""
+def record_report(db, report: EvalReport, role: str, run_id: int | None = None) -> int:
+    """Store a report in ``eval_reports`` (``role``: base, current, candidate, few_shot or manual).
+
+    The one writer of that table."""
     return db["eval_reports"].insert(
         {
             "run_id": run_id,
             "role": role,
-            "adapter": report["adapter"],
-            "dataset": report["dataset"],
-            "n": report["n"],
-            "f1": report["f1"],
-            "label_f1": report["label_f1"],
-            "answer_f1": report["answer_f1"],
-            "rouge_l": report["rouge_l"],
-            "bleu": report["bleu"],
-            "latency_s": report["latency_s"],
-            "tokens_per_answer": report["tokens_per_answer"],
-            "prompt_tokens": report["prompt_tokens"],
-            "perplexity": report["perplexity"],
-            "report": json.dumps(report),
+            "adapter": report.adapter,
+            "dataset": report.dataset,
+            "n": report.n,
+            "f1": report.f1,
+            "label_f1": report.label_f1,
+            "answer_f1": report.answer_f1,
+            "rouge_l": report.rouge_l,
+            "bleu": report.bleu,
+            "latency_s": report.latency_s,
+            "tokens_per_answer": report.tokens_per_answer,
+            "prompt_tokens": report.prompt_tokens,
+            "perplexity": report.perplexity,
+            "report": json.dumps(report.to_json()),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
     ).last_pk

@@ -9,8 +9,8 @@ Three checks, all required, each written down as a reason whether it passes or f
 3. **No forgetting**: perplexity on general (non-domain) text is at most ``max_perplexity_ratio``
    times the base model's. Every candidate is trained from the base, not from the incumbent, so
    what it forgot is measured against the base: an incumbent that happened to lower perplexity
-   would otherwise raise the bar for the next candidate (measured on the real model: an incumbent
-   at 39.2 vs the base's 43.3 rejected a candidate at 51.2, 1.18x the base).
+   would otherwise raise the bar for the next candidate (the case that showed it is in
+   docs/results.md).
 
 Every decision is stored in ``gate_decisions`` with its reasons and metrics, rejections included.
 """
@@ -27,6 +27,7 @@ import sqlite_utils
 from assistant import paths
 from assistant.config import check
 from evals import metrics
+from evals.evaluate import EvalReport
 from feedback import packs
 
 DEFAULT_PACK = "peach_state_bank"
@@ -87,71 +88,71 @@ def general_texts(cfg: GateConfig) -> list[str]:
     return general_passages(cfg)[: cfg.general_limit]
 
 
-def decide_promotion(candidate: dict, incumbent: dict, cfg: GateConfig, *, base: dict) -> Decision:
+def decide_promotion(candidate: EvalReport, incumbent: EvalReport, cfg: GateConfig, *, base: EvalReport) -> Decision:
     """Compare evaluation reports of the same test examples (see :func:`evals.evaluate.evaluate`):
     the candidate against the incumbent (the current adapter, or the base model), and its general-text
     perplexity against the ``base`` model's (the same report as ``incumbent`` before the first promotion).
 
     Candidate and base need ``perplexity`` measured on the same general text.
     """
-    ids_c = [row["id"] for row in candidate["examples"]]
-    ids_i = [row["id"] for row in incumbent["examples"]]
+    ids_c = [row["id"] for row in candidate.examples]
+    ids_i = [row["id"] for row in incumbent.examples]
     if ids_c != ids_i:
         raise ValueError("the candidate and incumbent reports cover different test examples; evaluate both on the same set")
-    if candidate["metric"] != incumbent["metric"]:
-        raise ValueError(f"the reports use different gate metrics ({candidate['metric']} vs {incumbent['metric']})")
-    if candidate.get("perplexity") is None or base.get("perplexity") is None:
+    if candidate.metric != incumbent.metric:
+        raise ValueError(f"the reports use different gate metrics ({candidate.metric} vs {incumbent.metric})")
+    if candidate.perplexity is None or base.perplexity is None:
         raise ValueError("the forgetting check needs perplexity on general text for both candidate and base model")
-    if base["adapter"] is not None:
-        raise ValueError(f"base must be the base model's report, not adapter {base['adapter']}'s")
-    who = incumbent["adapter"] or "the base model"
-    metric = candidate["metric"]
-    delta = candidate["f1"] - incumbent["f1"]
+    if base.adapter is not None:
+        raise ValueError(f"base must be the base model's report, not adapter {base.adapter}'s")
+    who = incumbent.adapter or "the base model"
+    metric = candidate.metric
+    delta = candidate.f1 - incumbent.f1
     if metric == "label_f1":
-        truth = [row["label"] for row in candidate["examples"]]
+        truth = [row["label"] for row in candidate.examples]
         boot = metrics.bootstrap_gain(
             metrics.macro_f1, truth,
-            [row["predicted_label"] for row in incumbent["examples"]],
-            [row["predicted_label"] for row in candidate["examples"]],
+            [row["predicted_label"] for row in incumbent.examples],
+            [row["predicted_label"] for row in candidate.examples],
             n=cfg.bootstrap_samples, seed=cfg.seed,
         )
     else:
         boot = metrics.bootstrap_gain(
             metrics.mean_score, None,
-            [row["answer_f1"] for row in incumbent["examples"]],
-            [row["answer_f1"] for row in candidate["examples"]],
+            [row["answer_f1"] for row in incumbent.examples],
+            [row["answer_f1"] for row in candidate.examples],
             n=cfg.bootstrap_samples, seed=cfg.seed,
         )
-    ratio = candidate["perplexity"] / base["perplexity"]
+    ratio = candidate.perplexity / base.perplexity
 
     gain_ok = delta >= cfg.min_delta - 1e-12  # equal-to-the-threshold gains pass despite float rounding
     noise_ok = boot["p_not_better"] <= cfg.max_p_not_better
     forget_ok = ratio <= cfg.max_perplexity_ratio
     reasons = [
-        f"{'PASS' if gain_ok else 'FAIL'} gain: {metric} {candidate['f1']:.3f} vs {incumbent['f1']:.3f} ({who}), "
+        f"{'PASS' if gain_ok else 'FAIL'} gain: {metric} {candidate.f1:.3f} vs {incumbent.f1:.3f} ({who}), "
         f"delta {delta:+.3f} {'>=' if gain_ok else '<'} min_delta {cfg.min_delta:.3f}",
         f"{'PASS' if noise_ok else 'FAIL'} not noise: paired bootstrap ({cfg.bootstrap_samples} resamples, "
-        f"n={candidate['n']}) p_not_better {boot['p_not_better']:.3f} {'<=' if noise_ok else '>'} "
+        f"n={candidate.n}) p_not_better {boot['p_not_better']:.3f} {'<=' if noise_ok else '>'} "
         f"{cfg.max_p_not_better:.3f}, 95% CI of delta [{boot['ci_low']:+.3f}, {boot['ci_high']:+.3f}]",
-        f"{'PASS' if forget_ok else 'FAIL'} no forgetting: general-text perplexity {candidate['perplexity']:.2f} vs "
-        f"{base['perplexity']:.2f} (the base model), ratio {ratio:.3f} {'<=' if forget_ok else '>'} {cfg.max_perplexity_ratio:.3f}",
+        f"{'PASS' if forget_ok else 'FAIL'} no forgetting: general-text perplexity {candidate.perplexity:.2f} vs "
+        f"{base.perplexity:.2f} (the base model), ratio {ratio:.3f} {'<=' if forget_ok else '>'} {cfg.max_perplexity_ratio:.3f}",
     ]
     return Decision(
         promote=gain_ok and noise_ok and forget_ok,
         reasons=reasons,
         metrics={
             "metric": metric,
-            "candidate_f1": candidate["f1"],
-            "incumbent_f1": incumbent["f1"],
+            "candidate_f1": candidate.f1,
+            "incumbent_f1": incumbent.f1,
             "delta": delta,
             "p_not_better": boot["p_not_better"],
             "ci_low": boot["ci_low"],
             "ci_high": boot["ci_high"],
-            "candidate_perplexity": candidate["perplexity"],
-            "base_perplexity": base["perplexity"],
-            "incumbent_perplexity": incumbent.get("perplexity"),
+            "candidate_perplexity": candidate.perplexity,
+            "base_perplexity": base.perplexity,
+            "incumbent_perplexity": incumbent.perplexity,
             "perplexity_ratio": ratio,
-            "n": candidate["n"],
+            "n": candidate.n,
         },
     )
 
@@ -160,7 +161,8 @@ def record_decision(
     db: sqlite_utils.Database, decision: Decision, candidate: str, incumbent: str | None, cfg: GateConfig,
     run_id: int | None = None,
 ) -> int:
-    """Store a decision (promotion or rejection) with its reasons; returns its row id."""
+    """Store a decision (promotion or rejection) with its reasons; returns its row id. The one
+    writer of ``gate_decisions`` (the staff view reads it back through :func:`feedback.review.last_decision`)."""
     return db["gate_decisions"].insert(
         {
             "run_id": run_id,

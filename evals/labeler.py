@@ -3,9 +3,8 @@
 Method: :class:`assistant.classifier.EmbeddingClassifier` -- all-MiniLM-L6-v2 embeddings and a
 balanced logistic regression -- fitted on (reference answer, label) pairs of the training split.
 
-Measured (``benchmarks/labeler.py``): macro-F1 0.99 on held-out Bitext reference answers (27
-intents, 80/20 stratified split). Abstaining on low confidence was tried and did not raise macro-F1,
-even on answers cut to their first 40 words, so every answer gets a label.
+Every answer gets a label: abstaining on low confidence was tried and did not raise macro-F1 (the
+figures, from benchmarks/labeler.py, are in docs/results.md).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from pathlib import Path
 from assistant import adapters, paths
 from assistant.config import check
 from evals import schema
+from evals.evaluate import EvalReport
 from feedback import review
 
 ROLES = ("candidate", "current", "base", "few_shot")
@@ -56,10 +57,10 @@ def main(cfg: ReportConfig) -> dict:
 
 
 def _run_reports(db) -> list[dict]:
-    """Per retrain run (oldest first): ``{"run", role: report, ...}`` from ``eval_reports``."""
+    """Per retrain run (oldest first): ``{"run": run id, role: EvalReport, ...}`` from ``eval_reports``."""
     runs: dict[int, dict] = {}
     for row in db.query("select run_id, role, report from eval_reports where run_id is not null order by id"):
-        runs.setdefault(row["run_id"], {"run": row["run_id"]})[row["role"]] = json.loads(row["report"])
+        runs.setdefault(row["run_id"], {"run": row["run_id"]})[row["role"]] = EvalReport.from_json(json.loads(row["report"]))
     return [runs[key] for key in sorted(runs) if "candidate" in runs[key]]
 
 
@@ -85,9 +86,9 @@ def plot_f1_history(runs: list[dict], file: Path) -> Path:
     """Gate F1 of candidate, adapter in service, base and few-shot base per retrain run."""
     figure = _figure()
     axes = figure.add_subplot()
-    names = [f"{run['candidate']['adapter']}\n(run {run['run']})" for run in runs]
+    names = [f"{run['candidate'].adapter}\n(run {run['run']})" for run in runs]
     for role in ROLES:
-        points = [(i, run[role]["f1"]) for i, run in enumerate(runs) if run.get(role)]
+        points = [(i, run[role].f1) for i, run in enumerate(runs) if run.get(role)]
         if points:
             axes.plot([p[0] for p in points], [p[1] for p in points], "o-", label=role.replace("_", "-"))
     axes.set_xticks(range(len(names)), names, fontsize=6, rotation=20)
@@ -120,9 +121,9 @@ def plot_losses(histories: dict[str, dict], file: Path) -> Path:
     return file
 
 
-def plot_confusions(report: dict | None, file: Path) -> Path:
+def plot_confusions(report: EvalReport | None, file: Path) -> Path:
     """The most frequent (true label -> predicted label) mistakes of the latest candidate."""
-    confusions = (report or {}).get("confusions") or []
+    confusions = report.confusions if report else []
     figure = _figure()
     axes = figure.add_subplot()
     names = [f"{c['true']} -> {c['predicted']}" for c in confusions][::-1]
@@ -142,12 +143,12 @@ def correct(row: dict) -> bool:
     return row["answer_f1"] >= 0.5
 
 
-def fixed_and_broken(candidate: dict | None, incumbent: dict | None, limit: int) -> tuple[list[dict], list[dict]]:
+def fixed_and_broken(candidate: EvalReport | None, incumbent: EvalReport | None, limit: int) -> tuple[list[dict], list[dict]]:
     """Test answers the candidate got right where the incumbent was wrong (fixed), and the reverse."""
     if not candidate or not incumbent:
         return [], []
     fixed, broken = [], []
-    for new, old in zip(candidate["examples"], incumbent["examples"]):
+    for new, old in zip(candidate.examples, incumbent.examples):
         pair = {"question": new["question"], "reference": new["reference"], "label": new.get("label"),
                 "before": old["answer"], "after": new["answer"]}
         if correct(new) and not correct(old):
@@ -174,15 +175,16 @@ def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _html(latest: dict, decision: dict | None, fixed: list[dict], broken: list[dict], shares: list[dict], plots: list[str]) -> str:
+def _html(latest: dict, decision: review.StoredDecision | None, fixed: list[dict], broken: list[dict], shares: list[dict],
+          plots: list[str]) -> str:
     systems = [
-        [role, r["adapter"] or "base", r["n"], r["f1"], _interval(r.get("f1_ci")), r["label_f1"], r["answer_f1"], r["rouge_l"], r["bleu"],
-         r["latency_s"], r["tokens_per_answer"], r["prompt_tokens"], r["perplexity"]]
+        [role, r.adapter or "base", r.n, r.f1, _interval(r.f1_ci), r.label_f1, r.answer_f1, r.rouge_l, r.bleu,
+         r.latency_s, r.tokens_per_answer, r.prompt_tokens, r.perplexity]
         for role in ROLES if (r := latest.get(role))
     ]
     examples = lambda rows: _table(["question", "label", "reference", "before", "after"],  # noqa: E731
                                    [[e["question"], e["label"], e["reference"], e["before"], e["after"]] for e in rows])
-    verdict = "none yet" if decision is None else ("PROMOTED" if decision["promote"] else "REJECTED")
+    verdict = "none yet" if decision is None else ("PROMOTED" if decision.promote else "REJECTED")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>tuneloop report</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;font-size:13px}"
@@ -192,9 +194,9 @@ def _html(latest: dict, decision: dict | None, fixed: list[dict], broken: list[d
         f"<h2>Latest gate decision: {verdict}</h2>",
     ]
     if decision:
-        parts.append(f"<p>{html.escape(decision['candidate'])} against {html.escape(decision['incumbent'] or 'the base model')}"
-                     f" at {html.escape(decision['created_at'])}</p><ul>"
-                     + "".join(f"<li>{html.escape(r)}</li>" for r in decision["reasons"]) + "</ul>")
+        parts.append(f"<p>{html.escape(decision.candidate)} against {html.escape(decision.incumbent or 'the base model')}"
+                     f" at {html.escape(decision.created_at)}</p><ul>"
+                     + "".join(f"<li>{html.escape(r)}</li>" for r in decision.reasons) + "</ul>")
     parts += [
         "<h2>Latest evaluation: candidate and baselines</h2>",
         _table(["role", "adapter", "n", "F1 (gate)", "F1 95% CI", "label F1", "answer F1", "ROUGE-L", "BLEU", "latency s/answer",

@@ -1,8 +1,9 @@
 """Numbered, named migrations of the evaluation tables (sqlite-utils ``Migrations("tuneloop-evals")``).
 
 They live in the same ``feedback.db`` as the feedback tables (one file to back up, and the staff view
-reads decisions and reviews through :mod:`feedback.review`), but in their own migration set so the
-two sets never collide. Never edit an applied migration: add the next number.
+reads decisions through :mod:`feedback.review`), but in their own migration set so the two sets never
+collide. Never edit an applied migration: add the next number (0002 is the one exception, emptied
+when feedback took over the review tables; see there).
 """
 
 from __future__ import annotations
@@ -93,32 +94,12 @@ def m0001_retrain_and_gate(db: sqlite_utils.Database) -> None:
 
 @migrations(name="0002_human_review")
 def m0002_human_review(db: sqlite_utils.Database) -> None:
-    # A blind side-by-side pair: which adapter is on the left is decided at random when the pair is
-    # made and never shown to the reviewer.
-    db["review_pairs"].create(
-        {
-            "id": int,
-            "batch": str,
-            "question": str,
-            "reference": str,
-            "left_adapter": str,
-            "left_answer": str,
-            "right_adapter": str,
-            "right_answer": str,
-            "created_at": str,
-        },
-        pk="id",
-        not_null={"batch", "question", "left_answer", "right_answer", "created_at"},
-    )
-    db["review_pairs"].create_index(["batch"])
-    db["review_marks"].create(
-        {"id": int, "pair_id": int, "side": str, "staff_user": str, "helpful": int, "created_at": str},
-        pk="id",
-        foreign_keys=[("pair_id", "review_pairs", "id")],
-        not_null={"pair_id", "side", "staff_user", "helpful", "created_at"},
-    )
-    # One mark per reviewer and side: marking again replaces the earlier mark.
-    db["review_marks"].create_index(["pair_id", "side", "staff_user"], unique=True)
+    # Created review_pairs and review_marks until feedback took them over (feedback.schema's
+    # 0003_human_review: staff write marks from the app, which may import only feedback). Kept, empty,
+    # under its name: databases that applied it keep the tables it made, identical to feedback's,
+    # and a new database gets them from feedback's set, which runs first (:func:`connect` opens the
+    # database through feedback.db.connect, which applies it).
+    pass
 
 
 def apply(db: sqlite_utils.Database) -> None:

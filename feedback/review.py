@@ -1,14 +1,20 @@
 """What the staff view shows about retraining, and the blind side-by-side human review.
 
-The tables are created and filled by the evaluation side (``evals.schema``: ``retrain_runs``,
-``gate_decisions``, ``eval_reports``, ``review_pairs``, ``review_marks``); this module only reads
-them and stores staff marks, so the app can use it without importing ``evals``. Before the first
-retrain the tables do not exist yet and every reader returns "nothing yet".
+The retraining tables (``retrain_runs``, ``gate_decisions``, ``eval_reports``) are created and
+written by the evaluation side (``evals.schema``); this module only reads them, so the app can show
+them without importing ``evals``. Before the first retrain they do not exist yet and every reader
+returns "nothing yet".
+
+The review tables (``review_pairs``, ``review_marks``) are this module's: created by feedback's own
+migrations and written only here. Staff marks come from the app, which may import only
+``assistant`` and ``feedback``, so their table must be feedback's; the pairs they point at live
+beside them (``evals.review`` picks the pairs and hands them to :func:`add_review_pairs`).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,22 +34,36 @@ def _has(db: sqlite_utils.Database, *tables: str) -> bool:
     return all(table in names for table in tables)
 
 
-def last_decision(db: sqlite_utils.Database) -> dict | None:
-    """The newest gate decision: ``{"candidate", "incumbent", "promote", "reasons", "metrics", "created_at"}``."""
+@dataclass
+class StoredDecision:
+    """A gate decision as ``evals.gate.record_decision`` stored it, read back for staff."""
+
+    candidate: str
+    incumbent: str | None
+    """The adapter it was compared with; None for the base model."""
+    promote: bool
+    reasons: list[str]
+    """One line per check, passed or failed."""
+    metrics: dict
+    created_at: str
+
+
+def last_decision(db: sqlite_utils.Database) -> StoredDecision | None:
+    """The newest gate decision, promotion or rejection; None before the first."""
     if not _has(db, "gate_decisions"):
         return None
     rows = list(db.query("select * from gate_decisions order by id desc limit 1"))
     if not rows:
         return None
     row = rows[0]
-    return {
-        "candidate": row["candidate"],
-        "incumbent": row["incumbent"],
-        "promote": bool(row["promote"]),
-        "reasons": json.loads(row["reasons"]),
-        "metrics": json.loads(row["metrics"]),
-        "created_at": row["created_at"],
-    }
+    return StoredDecision(
+        candidate=row["candidate"],
+        incumbent=row["incumbent"],
+        promote=bool(row["promote"]),
+        reasons=json.loads(row["reasons"]),
+        metrics=json.loads(row["metrics"]),
+        created_at=row["created_at"],
+    )
 
 
 def retrain_text(db: sqlite_utils.Database) -> str:
@@ -62,13 +82,13 @@ def retrain_text(db: sqlite_utils.Database) -> str:
             + (f" ({run['error']})" if run["error"] else ""))
 
 
-def decision_text(decision: dict | None) -> str:
+def decision_text(decision: StoredDecision | None) -> str:
     """The decision as a few lines of plain text for the staff view."""
     if decision is None:
         return "No retrain has run yet."
-    verdict = "promoted" if decision["promote"] else "rejected"
-    head = f"{decision['candidate']} {verdict} at {decision['created_at']} (against {decision['incumbent'] or 'the base model'})"
-    return "\n".join([head] + [f"- {reason}" for reason in decision["reasons"]])
+    verdict = "promoted" if decision.promote else "rejected"
+    head = f"{decision.candidate} {verdict} at {decision.created_at} (against {decision.incumbent or 'the base model'})"
+    return "\n".join([head] + [f"- {reason}" for reason in decision.reasons])
 
 
 def f1_history(db: sqlite_utils.Database) -> list[dict]:
@@ -86,11 +106,28 @@ def f1_history_png() -> Path | None:
     return file if file.exists() else None
 
 
+@dataclass
+class ReviewPair:
+    """Two systems' answers to one test question, in the order they are shown (left, right)."""
+
+    question: str
+    reference: str | None
+    left_adapter: str | None
+    """None for the base model; never shown to the reviewer."""
+    left_answer: str
+    right_adapter: str | None
+    right_answer: str
+
+
+def add_review_pairs(db: sqlite_utils.Database, batch: str, pairs: list[ReviewPair]) -> None:
+    """Store ``pairs`` for blind review under the name ``batch``; the one writer of ``review_pairs``."""
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    db["review_pairs"].insert_all({"batch": batch, **vars(pair), "created_at": now} for pair in pairs)
+
+
 def next_pair(db: sqlite_utils.Database, staff_user: str) -> dict | None:
     """The oldest review pair ``staff_user`` has not marked both sides of, without adapter names
     (the review is blind): ``{"pair_id", "question", "left", "right"}``; None when all are done."""
-    if not _has(db, "review_pairs", "review_marks"):
-        return None
     rows = list(db.query(
         """
         select p.id, p.question, p.left_answer, p.right_answer from review_pairs p
@@ -106,12 +143,13 @@ def next_pair(db: sqlite_utils.Database, staff_user: str) -> dict | None:
 
 
 def mark_pair(db: sqlite_utils.Database, staff_user: str, pair_id: int, left_helpful: bool, right_helpful: bool) -> None:
-    """Record whether each side was "accurate and helpful"; marking again replaces the earlier marks."""
+    """Record whether each side was "accurate and helpful"; marking again replaces the earlier marks.
+    The one writer of ``review_marks``."""
     if not staff_user:
         raise ReviewError("Sign in as staff to review answers.")
     if pair_id is None:
         raise ReviewError("Open a pair first (Next pair).")
-    if not _has(db, "review_pairs") or db["review_pairs"].count_where("id = ?", [int(pair_id)]) == 0:
+    if db["review_pairs"].count_where("id = ?", [int(pair_id)]) == 0:
         raise ReviewError(f"There is no review pair {pair_id}.")
     now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     with db.conn:
@@ -125,8 +163,6 @@ def mark_pair(db: sqlite_utils.Database, staff_user: str, pair_id: int, left_hel
 
 def helpful_shares(db: sqlite_utils.Database) -> list[dict]:
     """Per adapter: marks received and the share marked accurate and helpful, most marked first."""
-    if not _has(db, "review_pairs", "review_marks"):
-        return []
     return list(db.query(
         """
         select coalesce(case m.side when 'left' then p.left_adapter else p.right_adapter end, 'base') as adapter,

@@ -131,6 +131,42 @@ def m0002_examples(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations(name="0003_human_review")
+def m0003_human_review(db: sqlite_utils.Database) -> None:
+    # The blind side-by-side review's tables, owned here since staff mark pairs from the app, which
+    # may import only feedback; feedback.review writes both (evals.review picks the pairs and hands
+    # them over). They came from the evaluation set's 0002_human_review, which now creates nothing:
+    # a database made before the move holds both tables exactly as below and keeps them.
+    if db["review_pairs"].exists():
+        return
+    # A blind side-by-side pair: which adapter is on the left is decided at random when the pair is
+    # made and never shown to the reviewer.
+    db["review_pairs"].create(
+        {
+            "id": int,
+            "batch": str,
+            "question": str,
+            "reference": str,
+            "left_adapter": str,
+            "left_answer": str,
+            "right_adapter": str,
+            "right_answer": str,
+            "created_at": str,
+        },
+        pk="id",
+        not_null={"batch", "question", "left_answer", "right_answer", "created_at"},
+    )
+    db["review_pairs"].create_index(["batch"])
+    db["review_marks"].create(
+        {"id": int, "pair_id": int, "side": str, "staff_user": str, "helpful": int, "created_at": str},
+        pk="id",
+        foreign_keys=[("pair_id", "review_pairs", "id")],
+        not_null={"pair_id", "side", "staff_user", "helpful", "created_at"},
+    )
+    # One mark per reviewer and side: marking again replaces the earlier mark.
+    db["review_marks"].create_index(["pair_id", "side", "staff_user"], unique=True)
+
+
 def apply(db: sqlite_utils.Database) -> None:
     """Bring ``db`` to the latest schema; applying twice changes nothing."""
     migrations.apply(db)

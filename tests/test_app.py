@@ -180,6 +180,24 @@ def test_staff_review_correct_approve_and_add_example(served):
         staff.predict(api_name="/review_queue")
 
 
+def test_blind_review_marks_are_stored_through_the_apps_own_database(served):
+    # The app migrates only feedback's tables; the review tables are among them (feedback owns both),
+    # so staff can mark pairs the nightly job stored with feedback.review.add_review_pairs.
+    from feedback import review
+
+    review.add_review_pairs(connect(), "run1", [
+        review.ReviewPair("Can I freeze my card?", "Yes.", "v1", "Yes, in the app.", None, "No."),
+    ])
+    staff = served.client()
+    assert staff.predict("alice", STAFF_PASSWORD, api_name="/staff_signin") == "alice"
+    pair_id, question, left, right, *_ = staff.predict(api_name="/review_next_pair")
+    assert (question, left, right) == ("Can I freeze my card?", "Yes, in the app.", "No.")
+    _pair, nothing_left, *_, shares = staff.predict(pair_id, True, False, api_name="/review_mark")
+    assert nothing_left == "Nothing left to review." and "v1 100% of 1" in shares
+    assert served.rows("SELECT side, staff_user, helpful FROM review_marks ORDER BY side") == [
+        ("left", "alice", 1), ("right", "alice", 0)]
+
+
 def test_html_in_messages_is_stored_verbatim_and_never_rendered_as_html(served):
     payload = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script> **bold**'
     client = served.client()

@@ -125,7 +125,7 @@ def test_few_shot_examples_cover_different_labels():
     assert labels == {"x", "y"}
 
 
-def scripted_reports() -> tuple[dict, dict]:
+def scripted_reports() -> tuple[evaluate.EvalReport, evaluate.EvalReport]:
     examples = [{"id": i, "question": f"question {i}", "answer": f"ref {i}", "label": "a" if i % 2 else "b"} for i in range(20)]
     test = evaluate.EvalSet("d0001", examples, [])
 
@@ -140,6 +140,23 @@ def scripted_reports() -> tuple[dict, dict]:
     cand = evaluate.evaluate(runner, test, "cand", ServeConfig(), Echo(), general_texts=["x"])
     base = evaluate.evaluate(runner, test, None, ServeConfig(), Echo(), general_texts=["x"])
     return cand, base
+
+
+def test_report_json_keeps_its_keys_and_reads_back():
+    # The keys stored in eval_reports.report and eval_report.json and printed by `tuneloop eval --json`
+    # since reports were dicts; a stored report reads back as the same EvalReport.
+    cand, base = scripted_reports()
+    assert list(cand.to_json()) == [
+        "adapter", "dataset", "n", "answer_f1", "rouge_l", "bleu", "latency_s", "tokens_per_answer", "prompt_tokens",
+        "few_shot_k", "label_f1", "label_precision", "label_recall", "per_label", "confusions", "perplexity", "metric",
+        "f1", "f1_ci", "examples"]
+    assert evaluate.EvalReport.from_json(json.loads(json.dumps(cand.to_json()))) == cand
+    cand.baselines = {"base": base}
+    printed = cand.to_json(examples=False)
+    assert "examples" not in printed and "examples" not in printed["baselines"]["base"]
+    assert evaluate.EvalReport.from_json(printed).baselines["base"].f1 == base.f1
+    older = {k: v for k, v in base.to_json().items() if k not in ("f1_ci", "label_precision", "label_recall")}
+    assert evaluate.EvalReport.from_json(older).f1_ci is None  # stored before intervals were
 
 
 def test_blind_review_pairs_marks_and_shares(tuneloop_home):
@@ -204,6 +221,6 @@ def test_report_writes_html_and_pngs(tuneloop_home):
     assert "helpful share" in page
     # Each figure with its 95% bootstrap interval: the candidate, right on all 20 questions, has
     # nowhere to move; the base's label F1 could.
-    assert cand["f1"] == 1.0 and cand["f1_ci"] == [1.0, 1.0]
-    assert base["f1_ci"][0] < base["f1"] < base["f1_ci"][1]
+    assert cand.f1 == 1.0 and cand.f1_ci == [1.0, 1.0]
+    assert base.f1_ci[0] < base.f1 < base.f1_ci[1]
     assert "F1 95% CI" in page and "1.000-1.000" in page

@@ -120,7 +120,7 @@ def test_answer_f1_is_the_metric_without_labels():
     test = evaluate.EvalSet("file", [{"id": i, "question": f"q {i}", "answer": "the answer", "label": None} for i in range(30)], [])
     base = evaluate.evaluate(runner, test, None, ServeConfig(), None, general_texts=["x y"])
     cand = evaluate.evaluate(runner, test, "cand", ServeConfig(), None, general_texts=["x y"])
-    assert cand["metric"] == "answer_f1" and cand["label_f1"] is None
+    assert cand.metric == "answer_f1" and cand.label_f1 is None
     decision = gate.decide_promotion(cand, base, gate.GateConfig(), base=base)
     assert decision.promote and decision.metrics["metric"] == "answer_f1"
 
@@ -143,7 +143,7 @@ def test_decisions_are_stored_with_reasons_rejections_included(tuneloop_home):
     assert json.loads(rows[1]["reasons"]) == rejected.reasons
     assert json.loads(rows[1]["metrics"])["delta"] == pytest.approx(rejected.metrics["delta"])
     latest = review.last_decision(db)
-    assert latest["promote"] is False and latest["incumbent"] == "cur"
+    assert latest.promote is False and latest.incumbent == "cur"
     assert "rejected" in review.decision_text(latest)
 
 

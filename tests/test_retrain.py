@@ -44,7 +44,8 @@ def test_lowering_cpu_priority_reaches_threads_already_running_and_later_childre
     # A thread started before the call (as imports start torch's), the caller, a thread started
     # after, and a child process: all at the lowered priority. os.nice alone would miss the first.
     code = """if True:
-        import json, os, subprocess, sys, threading, pipeline
+        import json, os, subprocess, sys, threading
+        from tuneloop import pipeline
         stop = threading.Event()
         early = threading.Thread(target=stop.wait); early.start()
         before = os.getpriority(os.PRIO_PROCESS, 0)

@@ -7,7 +7,7 @@ import json
 import sys
 
 from assistant.config import add_arguments, from_args
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, resolve_configs
 
 
 def cmd_train(args) -> int:
@@ -17,7 +17,7 @@ def cmd_train(args) -> int:
     from trainer.data import DatasetError
     from trainer.train import TrainError, main
 
-    cfg = from_args(TrainConfig, "train", args)
+    cfg, _serve = resolve_configs(from_args(TrainConfig, "train", args))
     try:
         result = main(cfg)
     except (DatasetError, TrainError, ModelError, AdapterError) as exc:

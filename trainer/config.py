@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from assistant.config import ConfigError, ServeConfig, check, load
 
 METHODS = ("qlora", "lora", "full")
-# QLoRA measured on SmolLM2-135M-Instruct with 200 banking77 examples (see trainer/__init__.py);
+# QLoRA measured on SmolLM2-135M-Instruct with 200 banking77 examples (see docs/results.md);
 # lora shares it; full is the usual full fine-tuning rate, not swept here.
 DEFAULT_LR = {"qlora": 3e-3, "lora": 3e-3, "full": 5e-5}
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -29,13 +29,13 @@ class TrainConfig:
     device: str = "auto"
     """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
     precision: str = "auto"
-    """Compute precision: "bf16" (autocast; fp32 master weights and optimizer), "fp32", or "auto" = bf16 where the device computes it natively (CUDA, or a CPU with AVX512-BF16 or AMX: 2.3x faster steps measured here), else fp32."""
+    """Compute precision: "bf16" (autocast; fp32 master weights and optimizer), "fp32", or "auto" = bf16 where the device computes it natively (CUDA, or a CPU with AVX512-BF16 or AMX), else fp32."""
     system_prompt: str = ""
     """System message of every training example; empty = the serve config's system_prompt."""
     dataset: str = ""
     """Dataset snapshot folder (train/val/test.jsonl + manifest.json); empty = the latest under $TUNELOOP_HOME/datasets."""
     epochs: float = 5.0
-    """Passes over the training split (fractions allowed). On the shipped pack (benchmarks/pack_result.py, 2 cores): 5 epochs with replay 0.1 (the default) label F1 0.871 at general-text perplexity 1.21x the base's in 28.7 min of training (0.834 at 1.23x with seed 7: single runs differ by about 0.04); 4 epochs with replay 0.25: 0.824 at 1.16x in 25.1 min; 2 epochs without replay 0.786 at 1.86x (the gate's bar is 1.25x); 6 epochs without replay 0.885 at 5.55x."""
+    """Passes over the training split (fractions allowed); more epochs learn the domain better but forget more general text, which replay and the forgetting bar hold in check."""
     max_steps: int = 0
     """Stop after this many optimizer steps; 0 = run all epochs."""
     batch_size: int = 8
@@ -75,15 +75,15 @@ class TrainConfig:
     share_prefix: bool = True
     """Compute the tokens all examples of a batch start with (the system prompt) once per batch instead of once per example: same loss, fewer tokens."""
     replay: float = 0.1
-    """Rows of text sampled from the base model itself, per training example, mixed into training (self-distillation replay against forgetting, see trainer/replay.py and replay_loss); 0 = none. After 2 epochs on the pack, 0.25 cut general-text perplexity from 1.86x the base's to 1.06x (kl) or 1.22x (tokens); 0.1 held 5 epochs at 1.21x."""
+    """Rows of text sampled from the base model itself, per training example, mixed into training (self-distillation replay against forgetting, see trainer/replay.py and replay_loss); 0 = none."""
     replay_loss: str = "auto"
     """How replay rows are learnt: "kl" (the base's whole next-token distribution on the row, read from the training model with its adapter switched off: a target that cannot be learnt by heart), "tokens" (the sampled tokens as labels), or "auto" = kl for LoRA/QLoRA, tokens for full fine-tuning (which has no adapter to switch off)."""
     augment: float = 0.0
-    """Noisy copies of each training question added to the training split (a keyboard slip and/or texting style, same answer; trainer/augment.py), e.g. 1.0 = one copy per example; 0 = none. Validation and test questions are never copied. Replay rows scale with the augmented count. Measured on the pack and left off: it did not raise label F1 (figures in trainer/__init__.py)."""
+    """Noisy copies of each training question (a keyboard slip and/or texting style, same answer) added to the training split, e.g. 1.0 = one copy per example; 0 = none; validation and test are never copied. Off: it did not raise label F1 (docs/results.md)."""
     neftune_alpha: float = 0.0
-    """NEFTune: uniform noise of magnitude alpha / sqrt(tokens x width) added to the input embeddings of domain batches while training (Jain et al. 2023, "NEFTune: noisy embeddings improve instruction finetuning"; 5 is the paper's usual value), a regulariser against learning the training questions' exact wording; 0 = off. Measured on the pack and left off: it did not raise label F1 and forgot more (figures in trainer/__init__.py). Never applied to replay rows, whose target is the base model itself."""
+    """NEFTune (Jain et al. 2023): noise of magnitude alpha / sqrt(tokens x width) on the input embeddings of domain batches (never replay rows), against learning the questions' exact wording; 0 = off, 5 is the paper's usual value. Off: it did not raise label F1 (docs/results.md)."""
     hints: int = 0
-    """Topic hints: put the k labels a question classifier (MiniLM + logistic regression, fitted on the training questions, saved in the adapter) finds most likely into each prompt's system message, in training, evaluation and service (assistant/hints.py); 0 = none. Needs a labelled training split (without labels the adapter trains without hints, with a warning). Measured on the pack and left off: k=3 did not raise label F1 (figures in trainer/__init__.py)."""
+    """Topic hints: the k labels a question classifier (fitted on the labelled training questions, saved in the adapter) finds likeliest, in each prompt's system message in training, evaluation and service (assistant/hints.py); 0 = none. Off: it did not raise label F1 (docs/results.md)."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding, more real tokens per second)."""
     seed: int = 1234
@@ -127,20 +127,46 @@ class TrainConfig:
 
 
 def resolve(cfg: TrainConfig, serve: ServeConfig | None = None) -> TrainConfig:
-    """Fill the empty fields from the serve config and ``lr = 0`` from the measured defaults."""
-    serve = serve or load(ServeConfig, "serve")
-    method = cfg.method or ("qlora" if serve.quantization == "nf4" else "lora")
-    check(not (method == "full" and cfg.replay_loss == "kl"),
+    """Fill the empty fields from the serve config and ``lr = 0`` from the measured defaults.
+
+    Idempotent: a config with nothing left to fill comes back as it is, without reading the serve
+    config again, so the training process keeps exactly what :func:`resolve_configs` resolved in
+    the process that started it (whatever the config file says by then).
+    """
+    if not resolved(cfg):
+        serve = serve or load(ServeConfig, "serve")
+        method = cfg.method or ("qlora" if serve.quantization == "nf4" else "lora")
+        cfg = dataclasses.replace(
+            cfg,
+            base_model=cfg.base_model or serve.base_model,
+            system_prompt=cfg.system_prompt or serve.system_prompt,
+            method=method,
+            lr=cfg.lr or DEFAULT_LR[method],
+            replay_loss=("tokens" if method == "full" else "kl") if cfg.replay_loss == "auto" else cfg.replay_loss,
+        )
+    check(not (cfg.method == "full" and cfg.replay_loss == "kl"),
           "replay_loss 'kl' reads the base from the adapter switched off, and full fine-tuning has no adapter; "
           "use replay_loss = 'tokens' (or 'auto') with method 'full'")
-    return dataclasses.replace(
-        cfg,
-        base_model=cfg.base_model or serve.base_model,
-        system_prompt=cfg.system_prompt or serve.system_prompt,
-        method=method,
-        lr=cfg.lr or DEFAULT_LR[method],
-        replay_loss=("tokens" if method == "full" else "kl") if cfg.replay_loss == "auto" else cfg.replay_loss,
-    )
+    return cfg
 
 
-__all__ = ["TrainConfig", "ConfigError", "resolve", "METHODS", "DEFAULT_LR"]
+def resolved(cfg: TrainConfig) -> bool:
+    """Whether every field :func:`resolve` fills is already set."""
+    return bool(cfg.base_model and cfg.system_prompt and cfg.method and cfg.lr) and cfg.replay_loss != "auto"
+
+
+def resolve_configs(train: TrainConfig | None = None, serve: ServeConfig | None = None) -> tuple[TrainConfig, ServeConfig]:
+    """The train and serve configs of one job, resolved together: the one place this happens.
+
+    A section not given is loaded by :func:`assistant.config.load`: defaults < config file (where
+    ``tuneloop init`` installs the pack's persona and title) < environment; a given one was built
+    the same way with the command line's ``--field value`` on top (:func:`assistant.config.from_args`).
+    Then the train config's empty fields are filled from that very serve config (:func:`resolve`), so
+    training, evaluation and serving read one set of values: the same base model, system prompt and
+    quantization, and the generation settings the evaluation uses are the served ones.
+    """
+    serve = serve or load(ServeConfig, "serve")
+    return resolve(train or load(TrainConfig, "train"), serve), serve
+
+
+__all__ = ["TrainConfig", "ConfigError", "resolve", "resolve_configs", "resolved", "METHODS", "DEFAULT_LR"]

@@ -39,7 +39,7 @@ from evals import evaluate as evaluation
 from evals import gate as gating
 from evals import report as reporting
 from evals import review, schema
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, resolve_configs
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,7 @@ class RetrainConfig:
     seed: int = 0
     """Seed of few-shot choice and review sampling."""
     nice: int = 10
-    """How far `tuneloop retrain` lowers its own CPU priority (``nice``; its training process
-    inherits it), so that a server on the same machine answers customers first and the job runs on
-    the CPU they leave idle; 0 = unchanged. Only the command line applies it, not :func:`main`."""
+    """How far tuneloop retrain lowers its own CPU priority (nice; its training process inherits it), so a server on the same machine answers customers first; 0 = unchanged; applied by the command, not by main()."""
 
     def __post_init__(self) -> None:
         check(self.limit >= 0, "limit must be 0 (all test examples) or positive")
@@ -90,13 +88,14 @@ def main(
 ) -> dict:
     """Run curate, train, evaluate, gate, promote once; returns the run's summary.
 
-    ``train``, ``gate`` and ``serve`` default to the ``[train]``, ``[gate]`` and ``[serve]`` config.
+    ``train``, ``gate`` and ``serve`` default to the ``[train]``, ``[gate]`` and ``[serve]`` config;
+    train and serve are resolved together once (:func:`trainer.config.resolve_configs`), and the
+    candidate is trained and evaluated on exactly those values.
     Raises :class:`RetrainBusy` when another run holds the lock; any failure is recorded and re-raised.
     """
     started = time.perf_counter()
-    serve = serve or load(ServeConfig, "serve")
+    train, serve = resolve_configs(train, serve)
     gate = gate or load(gating.GateConfig, "gate")
-    train = train or load(TrainConfig, "train")
     with retrain_lock():
         db = schema.connect()
         interrupted = mark_interrupted_runs(db)
@@ -108,9 +107,7 @@ def main(
                               reasons=[f"no new data: a finished run already used snapshot {snapshot.name}; --force retrains"])
 
             set_stage(db, run_id, "train")
-            train = dataclasses.replace(train, dataset=str(snapshot), base_model=train.base_model or serve.base_model,
-                                        system_prompt=train.system_prompt or serve.system_prompt,
-                                        **forgetting_settings(train, gate))
+            train = dataclasses.replace(train, dataset=str(snapshot), **forgetting_settings(train, gate))
             candidate = train_candidate(train, cfg.train_timeout_s)
             db["retrain_runs"].update(run_id, {"candidate": candidate})
 
@@ -132,7 +129,7 @@ def main(
             result = finish(
                 db, run_id, started, "done", dataset=snapshot.name, interrupted=interrupted, candidate=candidate,
                 incumbent=incumbent, promoted=decision.promote, reasons=decision.reasons,
-                f1={role: (r["f1"] if r else None) for role, r in
+                f1={role: (r.f1 if r else None) for role, r in
                     {"base": reports["base"], "current": reports.get("current"), "candidate": reports["candidate"],
                      "few_shot": reports.get("few_shot")}.items()},
             )
@@ -191,7 +188,7 @@ def train_candidate(train: TrainConfig, timeout_s: float) -> str:
 
 
 def evaluate(db, run_id: int, cfg: RetrainConfig, gate: gating.GateConfig, serve: ServeConfig, snapshot: Path,
-             candidate: str, incumbent: str | None) -> dict:
+             candidate: str, incumbent: str | None) -> dict[str, evaluation.EvalReport]:
     """Reports of base, current (when one serves), candidate and few-shot base on the test split."""
     test = evaluation.load_test_set(evaluation.EvalConfig(dataset=str(snapshot), limit=cfg.limit))
     labeler = evaluation.labeler_for(test)
@@ -208,7 +205,7 @@ def evaluate(db, run_id: int, cfg: RetrainConfig, gate: gating.GateConfig, serve
     for role, report in reports.items():
         evaluation.record_report(db, report, role, run_id)
     paths.write_json_atomic(adapters.adapter_path(candidate) / "eval_report.json",
-                            {role: evaluation.summary(r) for role, r in reports.items()})
+                            {role: r.to_json(examples=False) for role, r in reports.items()})
     return reports
 
 
@@ -337,11 +334,12 @@ def lower_cpu_priority(increment: int) -> int:
 def cmd_retrain(args) -> int:
     """Curate, train, evaluate, gate, promote: the nightly job (exit 0 whether promoted or not)."""
     cfg = from_args(RetrainConfig, "retrain", args, {"force": True if args.force else None})
-    train = load(TrainConfig, "train", {"max_steps": args.train_max_steps, "epochs": args.train_epochs,
-                                        "lr": args.train_lr, "method": args.train_method, "replay": args.train_replay})
+    train, serve = resolve_configs(load(TrainConfig, "train", {
+        "max_steps": args.train_max_steps, "epochs": args.train_epochs, "lr": args.train_lr,
+        "method": args.train_method, "replay": args.train_replay}))
     lower_cpu_priority(cfg.nice)
     try:
-        result = main(cfg, train)
+        result = main(cfg, train, serve=serve)
     except RetrainBusy as exc:
         print(f"tuneloop retrain: {exc}", file=sys.stderr)
         return 3
