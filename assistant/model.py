@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -208,10 +209,26 @@ def keep_4bit_layout(model) -> None:
     candidate) produces garbage (measured: general-text perplexity 32 -> 11.7 million), and
     backward passes through the repacked kernel drop gradients. Serving, evaluation and training
     therefore all keep the standard layout.
+
+    The switch is a private attribute of bitsandbytes 0.49-0.50 (the range pyproject.toml allows):
+    a 4-bit layer without it means a bitsandbytes we have not checked, so we stop rather than let
+    it repack unseen. Modules that are not bitsandbytes 4-bit layers are left alone.
     """
+    if "bitsandbytes" not in sys.modules:
+        return  # no 4-bit layer exists before bitsandbytes is imported (importing it takes seconds)
+    import bitsandbytes as bnb
+
     for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            raise ModelError(
+                f"bitsandbytes {bnb.__version__}: its Linear4bit no longer has the "
+                "support_avx512bf16_for_cpu switch tuneloop turns off to keep 4-bit weights in the "
+                "standard layout (a hot-swapped adapter gives garbage otherwise); install the "
+                "bitsandbytes version pyproject.toml allows, or use quantization 'none'"
+            )
+        module.support_avx512bf16_for_cpu = False
 
 
 def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int = 256) -> float:

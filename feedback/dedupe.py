@@ -9,32 +9,12 @@ is at least :data:`NEAR_DUPLICATE_THRESHOLD`. What is embedded is the normalised
 number replaced by ``0`` (:func:`embedding_text`): order, invoice and amount numbers are fillers,
 not meaning, and left in they pull paraphrases apart.
 
-The threshold was chosen on real paraphrases by ``benchmarks/dedupe_threshold.py`` (the
-precision floor is pinned by ``tests/test_curate.py``) on the shared Bitext questions:
-
-* duplicates: same intent, and one template with different entity fillers
-  (``cancel order {x}`` with two order numbers, ``do you ship to {x}`` with two cities), or the
-  same masked template up to one word changed (a typo, or "order"/"purchase");
-* non-duplicates, in equal numbers: same intent worded differently (word Jaccard of the masked
-  templates below 0.3); random pairs of different intents; the hardest different-intent pairs
-  (word Jaccard at least 0.5, e.g. "check invoice {x}" against "get invoice {x}").
-
-1,500 duplicate and 4,500 non-duplicate pairs (seed 0):
-
-    threshold  precision  recall
-         0.60      0.53    0.68
-         0.80      0.70    0.30
-         0.85      0.81    0.27
-         0.90      0.90    0.24   <- chosen
-         0.95      0.99    0.18
-
-No threshold gives both: MiniLM puts "do you ship to Toronto?" and "do you ship to Munich?" (or a
-typo'd "deliveies") far apart (median 0.64 for same-template pairs), while Bitext's near-synonymous
-intents (check_invoice/get_invoice, create_account/switch_account) sit above 0.9. We take 0.90 for
-precision: collapsing deletes training rows, so a false "duplicate" costs real data, and nine in
-ten flagged pairs are true duplicates. The price is recall: the split and decontamination guards
-catch paraphrases that differ in numbers, case, spacing or a word of a longer question, and miss
-most that differ in a named entity or a typo of a short one.
+The threshold was chosen on real Bitext paraphrases by ``benchmarks/dedupe_threshold.py`` (figures
+in docs/results.md; the precision floor is pinned by ``tests/test_curate.py``). No threshold gives
+both precision and recall, and it is set for precision: collapsing deletes training rows, so a
+false "duplicate" costs real data. The price is recall: the split and decontamination guards catch
+paraphrases that differ in numbers, case, spacing or a word of a longer question, and miss most
+that differ in a named entity or a typo of a short one.
 """
 
 from __future__ import annotations
@@ -145,25 +125,33 @@ def components(vectors: np.ndarray, threshold: float) -> np.ndarray:
     """Connected components of the graph "similarity >= threshold": a label per row.
 
     Chains count (a~b and b~c put a and c together), which is what keeping paraphrases in one
-    split needs: no pair above the threshold may end up in two splits.
+    split needs: no pair above the threshold may end up in two splits. Each component is labelled
+    by its smallest row index.
+
+    Similarities are computed a block of rows at a time and each block's pairs are merged into the
+    labels at once, so memory is bounded by the block (``_BLOCK`` x n), not by the number of pairs:
+    one question asked 8,000 times is 32 million pairs.
     """
+    from scipy.sparse import coo_array
+    from scipy.sparse.csgraph import connected_components
+
     n = len(vectors)
-    parent = np.arange(n)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    labels = np.arange(n)  # each row's component so far, named by its smallest row
     for start in range(0, n, _BLOCK):
-        sims = vectors[start : start + _BLOCK] @ vectors[start:].T
-        rows, cols = np.nonzero(sims >= threshold)
-        for r, c in zip(rows.tolist(), cols.tolist()):
-            a, b = find(start + r), find(start + c)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-    return np.array([find(i) for i in range(n)])
+        block_labels, later_labels = labels[start : start + _BLOCK], labels[start:]
+        close = vectors[start : start + _BLOCK] @ vectors[start:].T >= threshold
+        # Pairs inside one component already change nothing; dropping them before listing pairs keeps
+        # a big cluster from being listed again in every block.
+        close &= block_labels[:, None] != later_labels[None, :]
+        rows, cols = np.nonzero(close)
+        if len(rows) == 0:
+            continue
+        # A graph on component names: connecting them merges the components they name.
+        graph = coo_array((np.ones(len(rows), np.float32), (block_labels[rows], later_labels[cols])), shape=(n, n))
+        _, merged = connected_components(graph, directed=False)
+        _, smallest = np.unique(merged, return_index=True)  # first occurrence = smallest name in each
+        labels = smallest[merged][labels]
+    return labels
 
 
 def greedy_collapse(vectors: np.ndarray, threshold: float) -> np.ndarray:

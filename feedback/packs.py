@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sqlite_utils
+import tomlkit
 
 from assistant import paths
+from assistant.config import ConfigError
 
 DEFAULT_PACK = "peach_state_bank"
 
@@ -53,27 +55,51 @@ def read_passages(file: Path) -> list[str]:
 
 def install_persona(pack: Pack) -> bool:
     """Make the pack's persona the served system prompt and its title the app's title, unless the
-    config file already sets them. Returns whether the config file changed."""
+    config file already sets them. Returns whether the config file changed.
+
+    The file is edited with tomlkit, so the user's comments, layout and other tables stay as written.
+    """
     file = paths.config_file()
-    text = file.read_text(encoding="utf-8") if file.exists() else ""
-    serve = tomllib.loads(text).get("serve", {}) if text else {}
-    lines = []
-    if "system_prompt" not in serve:
-        # A JSON string is a valid TOML basic string (same escapes), so json.dumps quotes it safely.
-        lines.append(f"system_prompt = {json.dumps(pack.persona, ensure_ascii=False)}")
-    if "title" not in serve:
-        lines.append(f"title = {json.dumps(pack.title + ' assistant', ensure_ascii=False)}")
-    if not lines:
+    try:
+        text = file.read_text(encoding="utf-8") if file.exists() else ""
+        # tomllib is what the config loader reads with; refuse here exactly what it would refuse.
+        serve = tomllib.loads(text).get("serve", {})
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: not valid TOML ({exc}); fix or delete the file") from exc
+    if not isinstance(serve, dict):
+        raise ConfigError(f"{file}: 'serve' must be a table ([serve] followed by 'name = value' lines)")
+    wanted = {"system_prompt": pack.persona, "title": pack.title + " assistant"}
+    missing = {key: value for key, value in wanted.items() if key not in serve}
+    if not missing:
         return False
-    if "serve" in tomllib.loads(text or ""):
-        # Insert right under the existing [serve] header so the keys land in that table.
-        head, _, tail = text.partition("[serve]\n")
-        text = head + "[serve]\n" + "\n".join(lines) + "\n" + tail
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + "[serve]\n" + "\n".join(lines) + "\n"
+    document = tomlkit.parse(text)
+    if "serve" not in document:
+        document.add("serve", tomlkit.table())
+    _add_settings(document["serve"], missing)
+    text = tomlkit.dumps(document)
     tomllib.loads(text)  # never leave a config file that does not parse
     paths.write_text_atomic(file, text)
     return True
+
+
+def _add_settings(table, settings: dict[str, str]) -> None:
+    """Add settings to a parsed tomlkit table after its last setting.
+
+    tomlkit parses the blank line and comments that come before the next ``[table]`` header as the
+    end of this table, so a plain append would put our settings under a comment written about the
+    next table. They are set aside (from the first blank line on) and put back after our settings.
+    """
+    # An inline table or a table split around others has no such trailer to keep in place.
+    body = table.value.body if isinstance(table, tomlkit.items.Table) else []
+    blank = [i for i, (key, item) in enumerate(body) if key is None and isinstance(item, tomlkit.items.Whitespace)]
+    settings_end = max((i + 1 for i, (key, _) in enumerate(body) if key is not None), default=0)
+    start = min((i for i in blank if i >= settings_end), default=len(body))
+    trailer = [item for _, item in body[start:]]
+    del body[start:]  # keyless items only: tomlkit's index of keys still points at the right rows
+    for key, value in settings.items():
+        table[key] = value
+    for item in trailer:
+        table.raw_append(None, item)
 
 
 def import_pack(db: sqlite_utils.Database, pack: Pack):

@@ -332,3 +332,36 @@ def test_hot_swapped_adapter_answers_as_a_freshly_loaded_one(tuneloop_home):
     assert stats.adapter == version
     text_fresh, _ = answer(ChatService(cfg, TransformersBackend(cfg)), "How do I open a savings account?")
     assert text_swapped == text_fresh
+
+
+def test_4bit_layers_keep_the_standard_layout_and_other_modules_are_untouched(tiny_model_dir):
+    import bitsandbytes as bnb
+    import torch
+
+    from assistant.model import keep_4bit_layout, load_base, prepare
+
+    _, model = load_base(prepare(str(tiny_model_dir)), "nf4", "cpu")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.support_avx512bf16_for_cpu is False for m in layers)
+
+    # Not a bitsandbytes 4-bit layer, however it looks: never touched, never an error.
+    lookalike = torch.nn.Linear(4, 4)
+    lookalike.support_avx512bf16_for_cpu = True
+    keep_4bit_layout(torch.nn.Sequential(lookalike, torch.nn.Linear(4, 4)))
+    assert lookalike.support_avx512bf16_for_cpu is True
+
+
+def test_a_bitsandbytes_without_the_layout_switch_is_refused_by_name():
+    """A newer bitsandbytes that renamed or dropped the private switch must fail loudly: silently
+    skipping it would let the CPU repack break hot-swapped adapters again."""
+    import bitsandbytes as bnb
+    import torch
+
+    from assistant.model import ModelError, keep_4bit_layout
+
+    layer = bnb.nn.Linear4bit(16, 16, quant_type="nf4")
+    keep_4bit_layout(torch.nn.Sequential(layer))
+    assert layer.support_avx512bf16_for_cpu is False
+    del layer.support_avx512bf16_for_cpu  # what a bitsandbytes without the switch builds
+    with pytest.raises(ModelError, match=rf"bitsandbytes {bnb.__version__}.*support_avx512bf16_for_cpu"):
+        keep_4bit_layout(torch.nn.Sequential(torch.nn.Linear(4, 4), layer))
