@@ -9,7 +9,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install browser demo serve test test-e2e test-fast bench clean
+.PHONY: install browser demo serve test test-slow test-browser test-all test-e2e bench clean
 
 install: $(VENV)/.installed
 
@@ -35,17 +35,29 @@ demo: install
 serve: install
 	$(TUNELOOP) serve --port $(PORT)
 
-# The whole suite, the end-to-end loop on the real model included (three real trainings, about
-# 12 min of the run on 2 cores); each night's gate result is printed as it happens.
-test: install browser
-	$(PY) -m pytest -q -p no:cacheprovider
+# Test tiers (markers in pyproject.toml). Each prints its 20 slowest tests.
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider --durations=20
 
-# The end-to-end loop alone.
+# The fast tier, for every change: unit and integration tests on a tiny random Llama and a scripted
+# backend, real SQLite, a real Gradio server on 127.0.0.1; no real model, no real training.
+test: install
+	$(PYTEST) -m "not slow and not browser"
+
+# The real shipped model and real trainings, the end-to-end loop included.
+test-slow: install
+	$(PYTEST) -m "slow and not browser"
+
+# Customer and staff in a real headless Chromium.
+test-browser: install browser
+	$(PYTEST) -m browser
+
+# Everything: what CI runs (.ci/run).
+test-all: install browser
+	$(PYTEST)
+
+# The end-to-end loop alone (three real trainings).
 test-e2e: install
-	$(PY) -m pytest -q -p no:cacheprovider -m e2e
-
-test-fast: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+	$(PYTEST) -m e2e
 
 bench: install
 	$(PY) benchmarks/serve.py

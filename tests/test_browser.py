@@ -24,6 +24,7 @@ TIMEOUT_MS = 20_000
 SCREENSHOTS = os.environ.get("TUNELOOP_SCREENSHOTS")
 
 pytestmark = [
+    pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
     pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),
 ]
