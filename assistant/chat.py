@@ -1,8 +1,10 @@
 """Chat: the prompt (chat template + system persona + recent turns), streaming generation, and the
 adapter hot swap.
 
-Two backends implement :class:`Backend`: :class:`TransformersBackend` (the real model) and
-:class:`ScriptedBackend` (canned answers, for fast tests of everything around the model).
+Three backends implement :class:`Backend`: :class:`TransformersBackend` (the real model),
+``assistant.llama_backend.LlamaCppBackend`` (the same model on llama.cpp, faster on CPU) and
+:class:`ScriptedBackend` (canned answers, for fast tests of everything around the model);
+:func:`make_backend` builds the one the config names.
 """
 
 from __future__ import annotations
@@ -353,6 +355,15 @@ class TransformersBackend:
                     job.result()
             if failure:
                 raise failure[0]
+
+
+def make_backend(cfg: ServeConfig) -> Backend:
+    """The backend ``cfg.backend`` names, loaded and serving the pointer's adapter."""
+    if cfg.backend == "llama_cpp":
+        from assistant.llama_backend import LlamaCppBackend
+
+        return LlamaCppBackend(cfg)
+    return TransformersBackend(cfg)
 
 
 @dataclass

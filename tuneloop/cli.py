@@ -22,14 +22,14 @@ COMMAND_MODULES: list[str] = ["feedback.cli", "trainer.cli", "feedback.data_cli"
 def cmd_serve(args) -> int:
     """Serve the customer chat (and staff view) until interrupted."""
     import app
-    from assistant.chat import ChatService, TransformersBackend
+    from assistant.chat import ChatService, make_backend
     from feedback.db import ThreadLocalDB
 
     cfg = from_args(ServeConfig, "serve", args)
-    backend = TransformersBackend(cfg)
+    backend = make_backend(cfg)
     service = ChatService(cfg, backend)
     demo = app.build_app(service, ThreadLocalDB(), backend.base.model_id, title=cfg.title)
-    print(f"tuneloop: serving {cfg.base_model} ({cfg.quantization}) with adapter "
+    print(f"tuneloop: serving {cfg.base_model} ({cfg.quantization}, {cfg.backend}) with adapter "
           f"{backend.active or 'none (base model)'} at http://{cfg.host}:{cfg.port}", flush=True)
     app.launch(demo, cfg.host, cfg.port, cfg.concurrency, block=True)
     return 0
@@ -37,12 +37,12 @@ def cmd_serve(args) -> int:
 
 def cmd_ask(args) -> int:
     """Answer one question on the current adapter and log it as a turn."""
-    from assistant.chat import ChatError, ChatService, TransformersBackend
+    from assistant.chat import ChatError, ChatService, make_backend
     from feedback import turns
     from feedback.db import connect
 
     cfg = from_args(ServeConfig, "serve", args)
-    backend = TransformersBackend(cfg)
+    backend = make_backend(cfg)
     service = ChatService(cfg, backend)
     try:
         stream = service.answer(args.question)

