@@ -125,7 +125,6 @@ def _wait_for_stage(stage: str, process: subprocess.Popen, timeout: float = 120)
     raise AssertionError(f"the retrain never reached stage {stage!r}")
 
 
-@pytest.mark.slow  # two nightly jobs in real child processes, one killed: about two minutes on 2 cores
 def test_kill_during_training_keeps_the_adapter_serving_and_the_next_run_recovers(tiny_model_dir, tuneloop_home):
     from test_assistant import make_adapter
 
