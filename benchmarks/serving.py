@@ -38,26 +38,10 @@ def pack_questions(count: int) -> list[str]:
 
 
 def make_lora() -> str:
-    """A random LoRA over every projection with small non-zero B, saved as the trainer saves one."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    """The random r=16 LoRA on every projection that benchmarks/serve.py measures, put in service."""
+    from serve import make_adapter  # benchmarks/ is this script's folder, first on sys.path
 
-    from assistant.model import load_base, prepare
-
-    info = prepare()
-    _, model = load_base(info, "none", "cpu")
-    torch.manual_seed(0)
-    lora = LoraConfig(r=16, lora_alpha=32, init_lora_weights=False,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    peft_model = get_peft_model(model, lora)
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 1e-3)
-    version = adapters.new_version()
-    folder = adapters.adapter_path(version)
-    peft_model.save_pretrained(folder, safe_serialization=True)
-    paths.write_json_atomic(folder / adapters.PROVENANCE_FILE,
-                            {"base_model": info.model_id, "base_model_sha256": info.sha256, "method": "benchmark"})
+    version = make_adapter()
     adapters.set_current(version, "benchmark")
     return version
 

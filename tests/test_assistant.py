@@ -14,7 +14,8 @@ from assistant.chat import ChatError, ChatService, ScriptedBackend, Transformers
 from assistant.config import ConfigError, ServeConfig, load
 
 
-def make_adapter(base_dir: Path, seed: int, base_sha: str | None = None, version: str | None = None) -> str:
+def make_adapter(base_dir: Path, seed: int, base_sha: str | None = None, version: str | None = None,
+                 targets: tuple[str, ...] = ("q_proj", "v_proj"), r: int = 4, alpha: int = 64, std: float = 1.0) -> str:
     """Save a random (non-zero) LoRA adapter for the tiny model as the trainer would."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -24,11 +25,11 @@ def make_adapter(base_dir: Path, seed: int, base_sha: str | None = None, version
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    config = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
     peft_model = get_peft_model(model, config)
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
-            param.data.normal_(0, 1.0)
+            param.data.normal_(0, std)
     version = version or adapters.new_version() + f"-{seed}"
     folder = adapters.adapter_path(version)
     peft_model.save_pretrained(folder, safe_serialization=True)

@@ -31,30 +31,10 @@ QUESTIONS = [
 def make_lora(base_dir: Path, seed: int, base_sha: str | None = None) -> str:
     """A random LoRA on every projection (q and k included: they need llama.cpp's permutation),
     with non-zero B, saved as the trainer saves one."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from test_assistant import make_adapter
 
-    from assistant.model import prepare
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    peft_model = get_peft_model(model, config)
-    for name, param in peft_model.named_parameters():
-        if "lora_" in name:
-            param.data.normal_(0, 0.3)
-    version = adapters.new_version() + f"-{seed}"
-    folder = adapters.adapter_path(version)
-    peft_model.save_pretrained(folder, safe_serialization=True)
-    info = prepare(str(base_dir))
-    paths.write_json_atomic(
-        folder / adapters.PROVENANCE_FILE,
-        {"base_model": info.model_id, "base_model_sha256": base_sha or info.sha256, "method": "lora",
-         "weights_sha256": paths.sha256_file(folder / adapters.WEIGHTS_FILE)},
-    )
-    return version
+    return make_adapter(base_dir, seed, base_sha, r=4, alpha=8, std=0.3,
+                        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 
 
 def cfg_for(tiny_model_dir: Path, backend: str, **overrides) -> ServeConfig:
