@@ -49,6 +49,17 @@ class ConversionError(RuntimeError):
 # --- conversion ----------------------------------------------------------------------------------
 
 
+def _write_and_publish(writer, staging: Path, target: Path) -> Path:
+    """Write the GGUF to its staging file, then move it into place in one rename: a reader never
+    sees a half-written file."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    staging.replace(target)
+    return target
+
+
 def llama_permute(weights, n_head: int, n_head_kv: int | None = None):
     """llama.cpp's row order for the q and k projections (``LlamaModel.permute`` in
     convert_hf_to_gguf.py): HF stores rotary pairs as halves, GGML as interleaved pairs. Acts on
@@ -172,12 +183,7 @@ def write_base_gguf(folder: Path, target: Path, source_sha256: str) -> Path:
                 if new_name is None:
                     raise ConversionError(f"{folder}: tensor {name} has no llama.cpp name")
                 writer.add_tensor(new_name, np.ascontiguousarray(data.numpy(), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    staging.replace(target)
-    return target
+    return _write_and_publish(writer, staging, target)
 
 
 def quantize_gguf(source: Path, target: Path, ftype: int) -> Path:
@@ -269,12 +275,7 @@ def write_lora_gguf(adapter_folder: Path, base_config: dict, target: Path, sourc
             raise ConversionError(f"adapter {adapter_folder.name}: {base_name} has no llama.cpp name")
         writer.add_tensor(new_name + ".lora_a", np.ascontiguousarray(pair["lora_a"].numpy(), dtype=np.float32))
         writer.add_tensor(new_name + ".lora_b", np.ascontiguousarray(lora_b.numpy(), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    staging.replace(target)
-    return target
+    return _write_and_publish(writer, staging, target)
 
 
 def lora_gguf(adapter_folder: Path, base_config: dict) -> Path:
