@@ -202,6 +202,28 @@ class _PointerWatch:
         return True
 
 
+def follow_pointer(backend) -> None:
+    """Make ``backend`` serve the adapter the pointer names, if that changed: the hot swap both real
+    backends share. A refused adapter leaves the previous one serving and is reported in the
+    backend's ``last_error``. The backend brings ``_swap_lock``, ``_watch`` (a
+    :class:`_PointerWatch`), ``_gate`` (a :class:`_SwapGate`), ``active``, ``on_model_thread`` and
+    ``_activate(version)``, which loads the version (None = the base) on the model thread."""
+    with backend._swap_lock:
+        if not backend._watch.changed():
+            return
+        wanted = adapters.current_version()
+        if wanted == backend.active:
+            return
+        # Waits, in the caller's thread, for answers in flight: the model thread is then idle.
+        with backend._gate.writing():
+            try:
+                backend.on_model_thread(backend._activate, wanted)
+                backend.last_error = None
+            except adapters.AdapterError as exc:
+                backend.last_error = str(exc)
+                log.error("%s; still serving %s", exc, backend.active or "the base model")
+
+
 class TransformersBackend:
     """The real model: 4-bit (or full-precision) base plus the current LoRA adapter, streamed."""
 
@@ -252,22 +274,8 @@ class TransformersBackend:
         )
 
     def sync_adapter(self) -> None:
-        """Serve the adapter the pointer names, if it changed; a refused adapter leaves the
-        previous one serving and is reported in ``last_error``."""
-        with self._swap_lock:
-            if not self._watch.changed():
-                return
-            wanted = adapters.current_version()
-            if wanted == self.active:
-                return
-            # Waits, in the caller's thread, for answers in flight: the model thread is then idle.
-            with self._gate.writing():
-                try:
-                    self.on_model_thread(self._activate, wanted)
-                    self.last_error = None
-                except adapters.AdapterError as exc:
-                    self.last_error = str(exc)
-                    log.error("%s; still serving %s", exc, self.active or "the base model")
+        """Serve the adapter the pointer names, if it changed (see :func:`follow_pointer`)."""
+        follow_pointer(self)
 
     def _activate(self, version: str | None) -> None:
         if version is None:

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from assistant import adapters, paths
-from assistant.chat import AnswerStats, _PointerWatch, _SwapGate, without_special_tokens
+from assistant.chat import AnswerStats, _PointerWatch, _SwapGate, follow_pointer, without_special_tokens
 from assistant.config import DEFAULT_BASE_MODEL, ServeConfig
 
 log = logging.getLogger(__name__)
@@ -352,22 +352,13 @@ class LlamaCppBackend:
     def count_tokens(self, messages: list[dict]) -> int:
         return len(self.prompt_ids(messages)) + self._hint_tokens
 
+    def on_model_thread(self, fn, *args, **kwargs):
+        """Run ``fn`` on the worker thread that owns the llama.cpp context; return its result."""
+        return self._worker.submit(fn, *args, **kwargs).result()
+
     def sync_adapter(self) -> None:
-        """Serve the adapter the pointer names, if it changed; a refused adapter leaves the
-        previous one serving and is reported in ``last_error``."""
-        with self._swap_lock:
-            if not self._watch.changed():
-                return
-            wanted = adapters.current_version()
-            if wanted == self.active:
-                return
-            with self._gate.writing():
-                try:
-                    self._worker.submit(self._activate, wanted).result()
-                    self.last_error = None
-                except adapters.AdapterError as exc:
-                    self.last_error = str(exc)
-                    log.error("%s; still serving %s", exc, self.active or "the base model")
+        """Serve the adapter the pointer names, if it changed (see :func:`assistant.chat.follow_pointer`)."""
+        follow_pointer(self)
 
     def _activate(self, version: str | None) -> None:
         import llama_cpp
@@ -472,7 +463,7 @@ class LlamaCppBackend:
             stats.adapter = self.active
             if self.hints is not None:
                 # Embedding the question is torch work: it runs on the worker, off the caller's thread.
-                messages = self._worker.submit(self.hints.apply, [messages]).result()[0]
+                messages = self.on_model_thread(self.hints.apply, [messages])[0]
             prompt = self.prompt_ids(messages)
             stats.tokens_in = len(prompt)
             out: queue.Queue = queue.Queue()
