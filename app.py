@@ -162,7 +162,9 @@ def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, bas
             outputs=[chatbot, box, session, last_turn, answer_turns],
             api_name="chat" if trigger == box.submit else False,
             concurrency_id="chat",
-            concurrency_limit=service.cfg.concurrency,
+            # Gradio's queue does not hold chats back: ChatService admits `concurrency` answers
+            # plus `max_queue` waiting and tells the rest, at once, to try again.
+            concurrency_limit=service.in_flight_limit,
         )
     vote_button.click(vote, [vote_turn, vote_value, vote_reason, session], vote_note, api_name="vote")
     chatbot.like(vote_from_like, [answer_turns, session], [vote_note, reason_row, reason_turn], api_visibility="private")

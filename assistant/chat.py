@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,6 +27,13 @@ log = logging.getLogger(__name__)
 
 class ChatError(ValueError):
     """The customer's input cannot be answered as given; the message is shown to them."""
+
+
+class BusyError(ChatError):
+    """Every answer slot and every waiting place is taken; the customer is asked to try again."""
+
+
+BUSY_MESSAGE = "The assistant is busy answering other customers. Please try again in a minute."
 
 
 @dataclass
@@ -109,6 +117,14 @@ class ChatService:
     def __init__(self, cfg: ServeConfig, backend: Backend):
         self.cfg = cfg
         self.backend = backend
+        # Answers in flight: `concurrency` being generated plus `max_queue` waiting for a slot.
+        # Past that a customer is told at once to try again instead of waiting without end.
+        self._admitted = threading.BoundedSemaphore(cfg.concurrency + cfg.max_queue)
+
+    @property
+    def in_flight_limit(self) -> int:
+        """Answers accepted at once: generating plus waiting (the web app's concurrency limit)."""
+        return self.cfg.concurrency + self.cfg.max_queue
 
     def answer(self, question: str, history: list[tuple[str, str]] | None = None) -> Stream:
         question = (question or "").strip()
@@ -132,10 +148,16 @@ class ChatService:
                 raise ChatError("Your message is too long for the model's context. Please shorten it.")
             history = history[1:]
             messages = build_messages(self.cfg.system_prompt, history, question)
+        if not self._admitted.acquire(blocking=False):
+            raise BusyError(BUSY_MESSAGE)
+        release = _Once(self._admitted.release)
         stats = AnswerStats(adapter=None)
-        return Stream(self._timed(messages, stats), stats)
+        stream = Stream(self._timed(messages, stats, release), stats)
+        # A stream dropped without being read gives its place back too.
+        weakref.finalize(stream, release)
+        return stream
 
-    def _timed(self, messages: list[dict], stats: AnswerStats) -> Iterator[str]:
+    def _timed(self, messages: list[dict], stats: AnswerStats, release: Callable[[], None]) -> Iterator[str]:
         started = time.perf_counter()
         try:
             for piece in self.backend.stream(messages, stats):
@@ -144,6 +166,21 @@ class ChatService:
                 yield piece
         finally:
             stats.latency_s = time.perf_counter() - started
+            release()
+
+
+class _Once:
+    """Calls ``fn`` the first time it is called, never again (a slot is released once)."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn: Callable[[], None] | None = fn
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
 
 
 class _SwapGate:

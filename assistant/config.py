@@ -60,7 +60,9 @@ class ServeConfig:
     max_history_turns: int = 3
     """Earlier turns of the conversation included in the prompt."""
     concurrency: int = 4
-    """Chats the Gradio queue serves at once; on CPU their generations take turns on the model's one thread (see TransformersBackend), on CUDA they run at once."""
+    """Answers generated at once: llama_cpp decodes them together in one batch; transformers on CPU lets them take turns on the model's one thread, on CUDA runs them at once."""
+    max_queue: int = 32
+    """Answers that may wait for a free slot; past that a customer is asked to try again."""
     host: str = "127.0.0.1"
     """Address the server binds; 127.0.0.1 keeps it off the network."""
     port: int = 7860
@@ -77,6 +79,7 @@ class ServeConfig:
         check(1 <= self.max_input_chars <= 100_000, "max_input_chars must be between 1 and 100000")
         check(0 <= self.max_history_turns <= 50, "max_history_turns must be between 0 and 50")
         check(1 <= self.concurrency <= 64, "concurrency must be between 1 and 64")
+        check(0 <= self.max_queue <= 1000, "max_queue must be between 0 and 1000")
         check(0 < self.port < 65536, "port must be between 1 and 65535")
         check(bool(self.system_prompt.strip()), "system_prompt must not be empty")
 

@@ -25,7 +25,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from assistant import adapters, paths
@@ -302,15 +302,280 @@ def _generation_config(base_path: str):
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos]), generation
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    count = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
+@dataclass(eq=False)
+class _Request:
+    """One answer inside the engine: its prompt, its sequence in the batch and its output queue."""
+
+    prompt: list[int]
+    out: queue.Queue
+    cancelled: threading.Event
+    done: threading.Event = field(default_factory=threading.Event)
+    seq: int = -1
+    """llama.cpp sequence id while the answer is being decoded."""
+    pending: list[int] = field(default_factory=list)
+    """Tokens still to feed: the rest of the prompt, then each sampled token."""
+    pos: int = 0
+    ids: list[int] = field(default_factory=list)
+    """Prompt and answer so far, for the repetition penalty."""
+    generated: int = 0
+    row: int = -1
+    """Index of this sequence's logits in the last batch, -1 when it produced none."""
+
+
+class _Engine:
+    """One llama.cpp context that decodes many answers together: llama.cpp's batched decode, one
+    sequence id per answer in a unified KV cache.
+
+    Each step is one ``llama_decode`` holding the next token of every answer being decoded plus
+    chunks of new prompts (up to ``n_batch`` tokens), so a new customer's prompt is read while
+    others' answers go on, and no one waits for a whole answer. The shared start of every prompt
+    (the system turn) is decoded once into its own sequence and copied into each new answer's
+    sequence (``llama_memory_seq_cp``: the cells are shared, not recomputed), which is
+    llama.cpp's prompt cache for the part all customers share. An answer is admitted when a
+    sequence is free and its prompt plus ``max_new_tokens`` fits the cache; others wait in order.
+    Everything that touches the context runs on the engine's own thread.
+    """
+
+    def __init__(self, gguf_path: Path, slots: int, n_ctx: int, choose, max_new_tokens: int, is_end):
+        self.slots, self.n_ctx, self.n_batch = slots, n_ctx, 512
+        self._choose, self._max_new, self._is_end = choose, max_new_tokens, is_end
+        self._commands: queue.Queue = queue.Queue()
+        self._prefix: list[int] = []
+        self._prefix_ready = False
+        self.peak_active = 0
+        """Most answers decoded together so far (read by tests and benchmarks)."""
+        self._thread = threading.Thread(target=self._run, args=(gguf_path,), name="llama", daemon=True)
+        self._loaded: queue.Queue = queue.Queue()
+        self._thread.start()
+        loaded = self._loaded.get()
+        if isinstance(loaded, BaseException):
+            raise loaded
+
+    # -- called from other threads --
+
+    def call(self, fn, *args, **kwargs):
+        """Run ``fn`` on the engine's thread between two decode steps; return its result."""
+        reply: queue.Queue = queue.Queue()
+        self._commands.put(("call", (fn, args, kwargs), reply))
+        ok, value = reply.get()
+        if not ok:
+            raise value
+        return value
+
+    def submit(self, request: _Request) -> None:
+        self._commands.put(("answer", request, None))
+
+    # -- the engine's thread --
+
+    def _load(self, gguf_path: Path) -> None:
+        import llama_cpp
+
+        params = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), params)
+        if not self.model:
+            raise ConversionError(f"llama.cpp cannot load {gguf_path}")
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = self.n_ctx
+        ctx_params.n_batch = ctx_params.n_ubatch = self.n_batch
+        ctx_params.n_seq_max = self.slots + 2  # the answers, the shared prefix's, a scratch one
+        ctx_params.kv_unified = True  # one cache: copied prefix cells are shared, not duplicated
+        ctx_params.n_threads = ctx_params.n_threads_batch = os.cpu_count() or 1
+        ctx_params.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(self.model, ctx_params)
+        if not self.ctx:
+            raise ConversionError(f"llama.cpp cannot make a context of {self.n_ctx} tokens for {gguf_path}")
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+
+    def set_prefix(self, ids: list[int]) -> None:
+        """(Engine thread) The prompt start every answer shares; decoded once, on first use."""
+        self._prefix, self._prefix_ready = list(ids), False
+
+    def clear(self) -> None:
+        """(Engine thread) Forget every cached key and value, e.g. after an adapter change."""
+        import llama_cpp
+
+        llama_cpp.llama_memory_clear(self.memory, True)
+        self._prefix_ready = False
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """One ``llama_decode`` of (token, position, sequence, wants logits) items."""
+        import llama_cpp
+
+        batch = self.batch
+        for index, (token, pos, seq, logits) in enumerate(items):
+            batch.token[index] = token
+            batch.pos[index] = pos
+            batch.n_seq_id[index] = 1
+            batch.seq_id[index][0] = seq
+            batch.logits[index] = logits
+        batch.n_tokens = len(items)
+        status = llama_cpp.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed (status {status}) with {len(items)} tokens")
+
+    def negative_log_likelihood(self, texts: list[list[int]]) -> tuple[float, int]:
+        """(Engine thread) Summed negative log-likelihood of each text's tokens after the first, and
+        how many tokens that is; each text is decoded alone in the scratch sequence."""
+        import llama_cpp
+        import numpy as np
+
+        seq, total, count = self.slots + 1, 0.0, 0
+        for ids in texts:
+            ids = ids[: self.n_batch]
+            if len(ids) < 2:
+                continue  # one token predicts nothing
+            self._decode([(token, pos, seq, True) for pos, token in enumerate(ids)])
+            for pos in range(len(ids) - 1):
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, pos), shape=(self.n_vocab,)).astype(np.float64)
+                top = logits.max()
+                total += float(top + np.log(np.exp(logits - top).sum()) - logits[ids[pos + 1]])
+            count += len(ids) - 1
+            llama_cpp.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        return total, count
+
+    def _ensure_prefix(self) -> None:
+        if self._prefix_ready or not self._prefix:
+            return
+        seq = self.slots
+        for start in range(0, len(self._prefix), self.n_batch):
+            chunk = self._prefix[start : start + self.n_batch]
+            self._decode([(t, start + i, seq, False) for i, t in enumerate(chunk)])
+        self._prefix_ready = True
+
+    def _admit(self, request: _Request, seq: int) -> None:
+        import llama_cpp
+
+        self._ensure_prefix()
+        # At least the prompt's last token is decoded again, for fresh logits.
+        shared = _common_prefix(request.prompt[:-1], self._prefix) if self._prefix_ready else 0
+        if shared:
+            llama_cpp.llama_memory_seq_cp(self.memory, self.slots, seq, 0, shared)
+        request.seq, request.pos = seq, shared
+        request.pending = request.prompt[shared:]
+        request.ids = list(request.prompt)
+
+    def _finish(self, request: _Request, free: list[int], error: BaseException | None = None) -> None:
+        import llama_cpp
+
+        if request.seq >= 0:
+            llama_cpp.llama_memory_seq_rm(self.memory, request.seq, -1, -1)
+            free.append(request.seq)
+        if error is not None:
+            request.out.put(error)
+        request.out.put(_DONE)
+        request.done.set()
+
+    def _run(self, gguf_path: Path) -> None:
+        import numpy as np
+
+        import llama_cpp
+
+        try:
+            self._load(gguf_path)
+        except BaseException as exc:
+            self._loaded.put(exc)
+            return
+        self._loaded.put(True)
+        free = list(range(self.slots))
+        waiting: list[_Request] = []
+        active: list[_Request] = []
+        while True:
+            block = not active and not waiting
+            while True:
+                try:
+                    kind, item, reply = self._commands.get(block=block)
+                except queue.Empty:
+                    break
+                block = False
+                if kind == "answer":
+                    waiting.append(item)
+                    continue
+                fn, args, kwargs = item
+                try:
+                    reply.put((True, fn(*args, **kwargs)))
+                except BaseException as exc:  # raised in the caller's thread
+                    reply.put((False, exc))
+            for request in [r for r in waiting if r.cancelled.is_set()]:
+                waiting.remove(request)
+                self._finish(request, free)
+            for request in [r for r in active if r.cancelled.is_set()]:
+                active.remove(request)
+                self._finish(request, free)
+            # Admit in arrival order while a sequence is free and the cache has room.
+            reserved = sum(len(r.prompt) + self._max_new for r in active) + len(self._prefix)
+            while waiting and free:
+                need = len(waiting[0].prompt) + self._max_new
+                if reserved + need > self.n_ctx and active:
+                    break
+                request = waiting.pop(0)
+                try:
+                    self._admit(request, free.pop(0))
+                except BaseException as exc:
+                    self._finish(request, free, exc)
+                    continue
+                active.append(request)
+                reserved += need
+            self.peak_active = max(self.peak_active, len(active))
+            if not active:
+                continue
+            # Every answer's next token first, then as much prompt as the batch holds.
+            items: list[tuple[int, int, int, bool]] = []
+            for request in sorted(active, key=lambda r: len(r.pending) > 1):
+                take = min(len(request.pending), self.n_batch - len(items))
+                if take <= 0:
+                    request.row = -1
+                    continue
+                chunk, request.pending = request.pending[:take], request.pending[take:]
+                for offset, token in enumerate(chunk):
+                    items.append((token, request.pos + offset, request.seq, False))
+                request.pos += take
+                if request.pending:
+                    request.row = -1
+                else:
+                    items[-1] = items[-1][:3] + (True,)
+                    request.row = len(items) - 1
+            try:
+                self._decode(items)
+            except BaseException as exc:
+                for request in active:
+                    self._finish(request, free, exc)
+                active = []
+                continue
+            for request in list(active):
+                if request.row < 0:
+                    continue
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, request.row), shape=(self.n_vocab,)).copy()
+                token = self._choose(logits, request.ids)
+                request.ids.append(token)
+                request.generated += 1
+                request.out.put(token)
+                if self._is_end(token) or request.generated >= self._max_new:
+                    active.remove(request)
+                    self._finish(request, free)
+                else:
+                    request.pending = [token]
+
+
 class LlamaCppBackend:
     """The base GGUF on llama.cpp plus the current adapter as a GGUF LoRA, streamed.
 
-    One llama.cpp context serves one sequence at a time: answers take turns on the backend's one
-    worker thread (llama.cpp spreads each step over the cores itself).
+    Up to ``concurrency`` answers are decoded together by one :class:`_Engine`; llama.cpp spreads
+    each step over the cores itself.
     """
 
     def __init__(self, cfg: ServeConfig):
-        from llama_cpp import Llama
+        import numpy as np
         from transformers import AutoTokenizer
 
         from assistant import model as base_model
@@ -322,11 +587,11 @@ class LlamaCppBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(self.base.path)
         self.eos_ids, generation = _generation_config(self.base.path)
         self._top_k = generation.top_k or 0
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
-        self.llm = self._worker.submit(
-            Llama, model_path=str(self.gguf), n_ctx=self.context_window, n_threads=os.cpu_count(),
-            n_threads_batch=os.cpu_count(), verbose=False,
-        ).result()
+        self._rng = np.random.default_rng()
+        # Room for one prompt as long as the context window, or for `concurrency` typical
+        # answers (512 tokens each), whichever is more; an answer waits until its room is free.
+        n_ctx = max(self.context_window, 512 * cfg.concurrency) + cfg.max_new_tokens
+        self.engine = _Engine(self.gguf, cfg.concurrency, n_ctx, self._choose, cfg.max_new_tokens, lambda token: token in self.eos_ids)
         self._lora = None
         self.active: str | None = None
         self.hints = None
@@ -336,11 +601,17 @@ class LlamaCppBackend:
         self._gate = _SwapGate()
         self._watch = _PointerWatch()
         self._swap_lock = threading.Lock()
+        # The system turn every customer's prompt starts with, decoded once per adapter.
+        probes = [self.prompt_ids([{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": q}]) for q in ("a", "b")]
+        self.on_model_thread(self.engine.set_prefix, probes[0][: _common_prefix(*probes)])
         self.sync_adapter()
 
     @property
     def context_window(self) -> int:
         return int(self.base_config.get("max_position_embeddings", 2048))
+
+    def n_vocab(self) -> int:
+        return self.engine.n_vocab
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The prompt's token ids: the call ``TransformersBackend`` makes, as a list."""
@@ -353,8 +624,8 @@ class LlamaCppBackend:
         return len(self.prompt_ids(messages)) + self._hint_tokens
 
     def on_model_thread(self, fn, *args, **kwargs):
-        """Run ``fn`` on the worker thread that owns the llama.cpp context; return its result."""
-        return self._worker.submit(fn, *args, **kwargs).result()
+        """Run ``fn`` on the engine's thread, which owns the llama.cpp context; return its result."""
+        return self.engine.call(fn, *args, **kwargs)
 
     def sync_adapter(self) -> None:
         """Serve the adapter the pointer names, if it changed (see :func:`assistant.chat.follow_pointer`)."""
@@ -374,7 +645,7 @@ class LlamaCppBackend:
             path = lora_gguf(folder, self.base_config)
         except (ConversionError, KeyError, ValueError, OSError) as exc:
             raise adapters.AdapterError(f"adapter {version} refused: cannot convert it for llama.cpp ({exc})") from exc
-        lora = llama_cpp.llama_adapter_lora_init(self.llm.model, str(path).encode())
+        lora = llama_cpp.llama_adapter_lora_init(self.engine.model, str(path).encode())
         if not lora:
             raise adapters.AdapterError(f"adapter {version} refused: llama.cpp cannot load {path.name} on this base")
         self._set_lora(lora)
@@ -384,11 +655,12 @@ class LlamaCppBackend:
     def _set_lora(self, lora) -> None:
         import llama_cpp
 
+        ctx = self.engine.ctx
         if lora is None:
-            status = llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+            status = llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
         else:
             status = llama_cpp.llama_set_adapters_lora(
-                self.llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(lora), 1, (ctypes.c_float * 1)(1.0)
+                ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(lora), 1, (ctypes.c_float * 1)(1.0)
             )
         if status != 0:
             if lora is not None:
@@ -398,8 +670,54 @@ class LlamaCppBackend:
             # Keep only the adapter in service in memory, like TransformersBackend.
             llama_cpp.llama_adapter_lora_free(self._lora)
         self._lora = lora
-        # The cached keys and values were computed with the previous adapter.
-        self.llm.reset()
+        # The cached keys and values (the shared prefix too) were computed with the previous adapter.
+        self.engine.clear()
+
+    def use(self, version: str | None) -> None:
+        """Serve ``version`` (None = the base) now, whatever the pointer names: evaluation scores
+        several adapters on one loaded base. The next :meth:`sync_adapter` reads the pointer afresh."""
+        with self._swap_lock, self._gate.writing():
+            if version != self.active:
+                self.on_model_thread(self._activate, version)
+            self._watch = _PointerWatch()
+
+    def generate_ids(self, prompts: list[list[int]]) -> list[list[int]]:
+        """The answer's token ids for each prompt (the end-of-sequence token included), all
+        decoded together by the engine on the adapter in service, as :meth:`stream` decodes them."""
+        with self._gate.reading():
+            requests = [_Request(prompt, queue.Queue(), threading.Event()) for prompt in prompts]
+            for request in requests:
+                self.engine.submit(request)
+            answers = []
+            try:
+                for request in requests:
+                    tokens = []
+                    while (item := request.out.get()) is not _DONE:
+                        if isinstance(item, BaseException):
+                            raise item
+                        tokens.append(item)
+                    answers.append(tokens)
+            finally:
+                for request in requests:
+                    request.cancelled.set()
+                for request in requests:
+                    request.done.wait()
+        return answers
+
+    def perplexity(self, texts, max_length: int = 256) -> float:
+        """Perplexity on ``texts`` as :func:`assistant.model.perplexity` defines it (pooled tokens,
+        each text alone, truncated to ``max_length``), on the adapter in service."""
+        import math
+
+        ids = [list(self.tokenizer(text, truncation=True, max_length=max_length)["input_ids"]) for text in texts]
+        with self._gate.reading():
+            total, count = self.on_model_thread(self.engine.negative_log_likelihood, ids)
+        if count == 0:
+            raise ValueError("perplexity needs at least one text of two or more tokens")
+        return math.exp(total / count)
+
+    def _choose(self, logits, ids: list[int]) -> int:
+        return self._next_token(logits, ids, self._rng)
 
     def _next_token(self, logits, ids: list[int], rng) -> int:
         """``generate``'s choice: repetition penalty over every token so far, then greedy, or
@@ -424,39 +742,6 @@ class LlamaCppBackend:
         probs = np.exp(logits - logits.max())
         return int(rng.choice(logits.shape[0], p=probs / probs.sum()))
 
-    def _generate(self, prompt: list[int], out: queue.Queue, cancelled: threading.Event) -> None:
-        """Runs on the worker: decode token by token, putting each new token id on ``out``."""
-        import llama_cpp
-        import numpy as np
-
-        llm = self.llm
-        try:
-            # Reuse the cached keys and values of the longest common prefix (e.g. the system
-            # prompt); at least one prompt token is evaluated again to get fresh logits.
-            cached = llm.input_ids[: llm.n_tokens]
-            common = 0
-            for a, b in zip(cached, prompt[:-1]):
-                if a != b:
-                    break
-                common += 1
-            llm.n_tokens = common
-            llm.eval(prompt[common:])
-            ids = list(prompt)
-            n_vocab = llm.n_vocab()
-            rng = np.random.default_rng()
-            for step in range(self.cfg.max_new_tokens):
-                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).copy()
-                token = self._next_token(logits, ids, rng)
-                ids.append(token)
-                out.put(token)
-                if token in self.eos_ids or cancelled.is_set() or step + 1 == self.cfg.max_new_tokens:
-                    break
-                llm.eval([token])
-        except BaseException as exc:  # reported to the caller, not lost in the worker
-            out.put(exc)
-        finally:
-            out.put(_DONE)
-
     def stream(self, messages: list[dict], stats: AnswerStats) -> Iterator[str]:
         self.sync_adapter()
         with self._gate.reading():
@@ -466,9 +751,9 @@ class LlamaCppBackend:
                 messages = self.on_model_thread(self.hints.apply, [messages])[0]
             prompt = self.prompt_ids(messages)
             stats.tokens_in = len(prompt)
-            out: queue.Queue = queue.Queue()
-            cancelled = threading.Event()
-            job = self._worker.submit(self._generate, prompt, out, cancelled)
+            request = _Request(prompt, queue.Queue(), threading.Event())
+            self.engine.submit(request)
+            out = request.out
             tokens: list[int] = []
             printed = ""
             try:
@@ -489,7 +774,6 @@ class LlamaCppBackend:
                     yield text[len(printed):]
             finally:
                 # A customer who leaves mid-answer stops generation; the swap gate is released
-                # only after the worker is done with the context.
-                cancelled.set()
-                if not job.cancel():
-                    job.result()
+                # only after the engine has dropped the answer's sequence.
+                request.cancelled.set()
+                request.done.wait()

@@ -20,7 +20,8 @@ def cmd_eval(args) -> int:
     from feedback.datasets import DatasetError
 
     cfg = from_args(evaluate.EvalConfig, "eval", args, {"baselines": True if args.baselines else None})
-    serve = load(ServeConfig, "serve")  # what `tuneloop serve` and `tuneloop retrain` resolve too
+    # What `tuneloop serve` and `tuneloop retrain` resolve too, with this command's serve options on top.
+    serve = from_args(ServeConfig, "serve", args)
     try:
         report = evaluate.main(cfg, serve)
     except (DatasetError, adapters.AdapterError) as exc:
@@ -128,12 +129,18 @@ def status_fields() -> dict:
     return {"last_retrain": rows[0] if rows else None}
 
 
+EVAL_SKIPS_SERVE = ("title", "max_input_chars", "max_history_turns", "concurrency", "max_queue", "host", "port", "temperature", "top_p")
+"""Serve settings `tuneloop eval` has no use for: evaluation decodes greedily and is not a web server."""
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     from evals.evaluate import EvalConfig
     from evals.report import ReportConfig
 
     p = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
     add_arguments(p, EvalConfig, skip=("baselines",))
+    # The served configuration to score, e.g. --backend llama_cpp; chat-page and web settings do not apply.
+    add_arguments(p, ServeConfig, skip=EVAL_SKIPS_SERVE)
     p.add_argument("--baselines", action="store_true", help="also evaluate the base model and its few-shot prompt")
     p.add_argument("--json", action="store_true", help="print f1, label_f1, answer_f1, rouge_l, bleu, n, adapter, per_label as JSON")
     p.set_defaults(handler=cmd_eval)

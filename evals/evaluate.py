@@ -10,8 +10,10 @@ Label F1: an :class:`~evals.labeler.AnswerLabeler`, fitted on the snapshot's tra
 cached under ``$TUNELOOP_HOME/evals/labelers/``, predicts the product label of each generated answer;
 macro F1 against the test labels is the gate metric. Without labels the gate metric is answer F1.
 
-Two :class:`Runner` implementations: :class:`ModelRunner` (the real model) and
-:class:`ScriptedRunner` (canned answers, for fast tests of the gate and the pipeline).
+Three :class:`Runner` implementations: :class:`ModelRunner` (the real model on transformers),
+:class:`LlamaCppRunner` (the real model on llama.cpp, when that backend serves) and
+:class:`ScriptedRunner` (canned answers, for fast tests of the gate and the pipeline);
+:func:`make_runner` picks the one the serve config's ``backend`` names.
 """
 
 from __future__ import annotations
@@ -164,6 +166,39 @@ class ModelRunner:
     def perplexity(self, texts: Sequence[str], adapter: str | None) -> float:
         with self._active(adapter) as model:
             return metrics.perplexity(model, self.tokenizer, texts)
+
+
+class LlamaCppRunner:
+    """The served model on llama.cpp (``backend = "llama_cpp"``): the same
+    :class:`~assistant.llama_backend.LlamaCppBackend` the server runs, adapters switched on one
+    loaded base, every question of a call decoded together by its batched engine."""
+
+    def __init__(self, serve: ServeConfig):
+        from assistant.llama_backend import LlamaCppBackend
+
+        self.serve = serve
+        self.backend = LlamaCppBackend(serve)
+        self.tokenizer = self.backend.tokenizer
+
+    def generate(self, conversations: list[list[dict]], adapter: str | None, batch_size: int) -> list[Generation]:
+        self.backend.use(adapter)
+        if self.backend.hints is not None:
+            conversations = self.backend.hints.apply(conversations)
+        prompts = [self.backend.prompt_ids(messages) for messages in conversations]
+        started = time.perf_counter()
+        answers = self.backend.generate_ids(prompts)
+        share = (time.perf_counter() - started) / max(len(prompts), 1)
+        return [Generation(self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), share, len(prompt), len(tokens))
+                for prompt, tokens in zip(prompts, answers)]
+
+    def perplexity(self, texts: Sequence[str], adapter: str | None) -> float:
+        self.backend.use(adapter)
+        return self.backend.perplexity(texts)
+
+
+def make_runner(serve: ServeConfig) -> Runner:
+    """The runner of the backend ``serve`` names: the gate scores what customers get."""
+    return LlamaCppRunner(serve) if serve.backend == "llama_cpp" else ModelRunner(serve)
 
 
 @dataclass
@@ -425,7 +460,7 @@ def main(cfg: EvalConfig, serve: ServeConfig, runner: Runner | None = None) -> E
     test = load_test_set(cfg)
     adapter = resolve_adapter(cfg.adapter)
     labeler = labeler_for(test)
-    runner = runner or ModelRunner(serve)
+    runner = runner or make_runner(serve)
     report = evaluate(runner, test, adapter, serve, labeler, batch_size=cfg.batch_size)
     if cfg.baselines:
         report.baselines = {

@@ -244,6 +244,28 @@ def test_chat_refuses_empty_and_oversized_messages():
         service.answer("x" * 21)
 
 
+def test_answers_past_the_slots_and_the_queue_are_told_at_once_to_try_again():
+    """``concurrency`` answers run and ``max_queue`` wait; the next customer gets the busy message
+    at once instead of an unbounded wait, and every finished, abandoned or never-read answer gives
+    its place back."""
+    from assistant.chat import BUSY_MESSAGE, BusyError
+
+    service = ChatService(ServeConfig(concurrency=1, max_queue=1), ScriptedBackend(delay_s=0.01))
+    first, second = service.answer("one"), service.answer("two")
+    with pytest.raises(BusyError, match="try again"):
+        service.answer("three")
+    assert isinstance(BusyError(BUSY_MESSAGE), ChatError)  # shown to the customer like other refusals
+    assert "".join(first) == "You asked: one"
+    third = iter(service.answer("three"))
+    next(third)
+    third.close()  # the customer left mid-answer
+    del second  # never read: dropped streams give their place back too
+    four, five = service.answer("four"), service.answer("five")  # both places are free again
+    assert ("".join(four), "".join(five)) == ("You asked: four", "You asked: five")
+    with pytest.raises(ConfigError, match="max_queue"):
+        ServeConfig(max_queue=-1)
+
+
 def test_history_is_trimmed_to_fit_the_context():
     backend = ScriptedBackend(context_window=140)
     service = ChatService(ServeConfig(max_new_tokens=64, max_history_turns=10), backend)

@@ -85,7 +85,7 @@ def test_stops_at_max_new_tokens_and_at_end_of_sequence(tiny_model_dir):
     text, _, stats = answer(llama, QUESTIONS[0])
     assert stats.tokens_out == 5
     # Every token ends the answer: it stops after the first one (counted, like generate does).
-    llama.eos_ids = set(range(llama.llm.n_vocab()))
+    llama.eos_ids = set(range(llama.n_vocab()))
     short, _, stats = answer(llama, QUESTIONS[0])
     assert stats.tokens_out == 1 and text.startswith(short)
 
@@ -166,11 +166,12 @@ def test_backend_is_chosen_by_config(tiny_model_dir):
 
 
 def test_concurrent_and_abandoned_answers_do_not_disturb_each_other(tiny_model_dir):
-    """One llama.cpp context: answers take turns on the worker; an answer the customer leaves
-    mid-way stops, and the cached prefix it leaves behind does not change the next answer."""
+    """One llama.cpp context decodes concurrent answers together, each in its own sequence, and
+    each gets the answer it would get alone; an answer the customer leaves mid-way stops, and the
+    cached prefix it leaves behind does not change the next answer."""
     import threading
 
-    llama = LlamaCppBackend(cfg_for(tiny_model_dir, "llama_cpp"))
+    llama = LlamaCppBackend(cfg_for(tiny_model_dir, "llama_cpp", max_new_tokens=48))
     expected = {q: answer(llama, q)[0] for q in QUESTIONS[:3]}
     results: dict[str, str] = {}
 
@@ -183,6 +184,7 @@ def test_concurrent_and_abandoned_answers_do_not_disturb_each_other(tiny_model_d
     for thread in threads:
         thread.join(timeout=60)
     assert results == expected
+    assert llama.engine.peak_active >= 2  # decoded together, not one after another
     stream = ChatService(llama.cfg, llama).answer(QUESTIONS[0])
     pieces = iter(stream)
     next(pieces)
@@ -199,3 +201,35 @@ def test_nf4_base_is_quantized_once_by_llama_cpp(tiny_model_dir):
     assert text and stats.tokens_out == llama.cfg.max_new_tokens
     stamp = llama.gguf.stat().st_mtime_ns
     assert LlamaCppBackend(llama.cfg).gguf.stat().st_mtime_ns == stamp
+
+
+def test_evaluation_on_llama_cpp_scores_what_the_server_serves(tiny_model_dir):
+    """``backend = "llama_cpp"``: the evaluation runner answers exactly as the served stream does
+    (batched, on the adapter asked for, whatever the pointer says) and measures the perplexity the
+    transformers runner measures on the same f32 weights."""
+    from evals import evaluate
+
+    version = make_lora(tiny_model_dir, seed=3)
+    cfg = cfg_for(tiny_model_dir, "llama_cpp")
+    runner = evaluate.make_runner(cfg)
+    assert isinstance(runner, evaluate.LlamaCppRunner)
+    conversations = [build_messages(cfg.system_prompt, [], q) for q in QUESTIONS]
+    served = LlamaCppBackend(cfg)  # the pointer names no adapter: it serves the base
+    for adapter in (version, None):
+        generations = runner.generate(conversations, adapter, batch_size=4)
+        if adapter is None:
+            assert [g.text for g in generations] == [answer(served, q)[0].strip() for q in QUESTIONS]
+        assert all(g.tokens_out > 0 and g.prompt_tokens > 0 for g in generations)
+    with_lora = [g.text for g in runner.generate(conversations, version, 4)]
+    assert with_lora != [g.text for g in runner.generate(conversations, None, 4)]
+    texts = ["Wire transfers leave the same day when sent before 3 pm.", "Savings accounts earn interest monthly."]
+    reference = evaluate.ModelRunner(cfg_for(tiny_model_dir, "transformers"))
+    for adapter in (None, version):
+        assert runner.perplexity(texts, adapter) == pytest.approx(reference.perplexity(texts, adapter), rel=1e-3)
+
+
+def test_eval_takes_serve_options_like_serve_and_ask():
+    from tuneloop.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--backend", "llama_cpp", "--quantization", "none"])
+    assert (args.backend, args.quantization) == ("llama_cpp", "none")

@@ -193,7 +193,7 @@ def evaluate(db, run_id: int, cfg: RetrainConfig, gate: gating.GateConfig, serve
     test = evaluation.load_test_set(evaluation.EvalConfig(dataset=str(snapshot), limit=cfg.limit))
     labeler = evaluation.labeler_for(test)
     texts = gating.general_texts(gate)
-    runner = evaluation.ModelRunner(serve)
+    runner = evaluation.make_runner(serve)
     systems = {"base": None, "candidate": candidate}
     if incumbent:
         systems["current"] = incumbent
