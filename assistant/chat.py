@@ -408,6 +408,10 @@ def make_backend(cfg: ServeConfig) -> Backend:
         from assistant.llama_backend import LlamaCppBackend
 
         return LlamaCppBackend(cfg)
+    if cfg.backend == "vllm":
+        from assistant.vllm_backend import VllmBackend
+
+        return VllmBackend(cfg)
     return TransformersBackend(cfg)
 
 

@@ -29,6 +29,10 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+BACKENDS = ("transformers", "llama_cpp", "vllm")
+"""What can run the model (``ServeConfig.backend``)."""
+
+
 class ConfigError(ValueError):
     """A config value is out of range or of the wrong type; the message says what to change."""
 
@@ -42,7 +46,7 @@ class ServeConfig:
     device: str = "auto"
     """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
     backend: str = "transformers"
-    """What runs the model: "transformers" (PyTorch, bitsandbytes 4-bit) or "llama_cpp" (llama.cpp on GGUF files, CPU)."""
+    """What runs the model: "transformers" (PyTorch, bitsandbytes 4-bit), "llama_cpp" (llama.cpp on GGUF files, CPU) or "vllm" (GPU hosts, needs pip install vllm)."""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     """The domain persona, sent as the system message of every chat and training example."""
     title: str = "tuneloop assistant"
@@ -71,7 +75,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         check(self.quantization in ("nf4", "none"), f"quantization must be 'nf4' or 'none', not {self.quantization!r}")
         check(self.device in ("auto", "cpu", "cuda"), f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
-        check(self.backend in ("transformers", "llama_cpp"), f"backend must be 'transformers' or 'llama_cpp', not {self.backend!r}")
+        check(self.backend in BACKENDS, f"backend must be one of {', '.join(map(repr, BACKENDS))}, not {self.backend!r}")
+        check(not (self.backend == "vllm" and self.device == "cpu"), "backend 'vllm' runs on a CUDA GPU; on a CPU use 'llama_cpp'")
         check(1 <= self.max_new_tokens <= 4096, "max_new_tokens must be between 1 and 4096")
         check(0.0 <= self.temperature <= 2.0, "temperature must be between 0 and 2")
         check(0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]")

@@ -157,7 +157,7 @@ def test_backend_is_chosen_by_config(tiny_model_dir):
     from tuneloop.cli import build_parser
 
     with pytest.raises(ConfigError, match="backend"):
-        ServeConfig(backend="vllm")
+        ServeConfig(backend="tgi")
     assert isinstance(make_backend(cfg_for(tiny_model_dir, "llama_cpp")), LlamaCppBackend)
     assert ServeConfig().backend == "transformers"
     for command in ("serve", "ask"):
