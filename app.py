@@ -2,8 +2,15 @@
 
 No logic lives here beyond calling the services: answers come from :mod:`assistant.chat`, votes,
 corrections and the review queue from :mod:`feedback.store`, sign-in from :mod:`feedback.auth`.
-Every action is also an API endpoint for ``gradio_client`` (see ``API_NAMES``); the session id and
-the staff sign-in token live in ``gr.State``, so one client is one session.
+Every action is also an API endpoint for ``gradio_client`` (see ``API_NAMES``); the customer's
+session id lives in ``gr.State`` (server-side), so one client is one conversation.
+
+Staff sign in through a plain HTML form posted to ``/staff/login`` (a FastAPI route, never a Gradio
+event, so the password is never an event input Gradio keeps or a browser's run history records). A
+success sets an HttpOnly, SameSite=Strict cookie (Secure over TLS) naming a server-side session in
+SQLite; every staff function reads that cookie from the request itself, whichever way it is called
+(page, API name or function index). Gradio routes this app does not use are refused before Gradio
+sees them (``REFUSED_ROUTES``).
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from __future__ import annotations
 import functools
 import html
 import logging
+import secrets
+import urllib.parse
 
 from assistant import paths
 
@@ -22,18 +31,37 @@ from assistant import adapters  # noqa: E402
 from assistant.chat import ChatError, ChatService  # noqa: E402
 from feedback import auth, review, store, turns  # noqa: E402
 from feedback.db import ThreadLocalDB  # noqa: E402
+from starlette.concurrency import run_in_threadpool  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse  # noqa: E402
+from starlette.routing import Route  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 TITLE = "tuneloop assistant"
 STAFF_PATH = "/staff"
-# api_name -> parameters, in order (session and sign-in token come from the page state, not the caller).
+STAFF_LOGIN_PATH = "/staff/login"
+STAFF_LOGOUT_PATH = "/staff/logout"
+STAFF_COOKIE = "tuneloop_staff"
+STAFF_ONLY = "Staff only: sign in at /staff first."
+MAX_LOGIN_BODY_BYTES = 4096
+# Gradio routes this app does not use, answered 404 before Gradio sees them: deep links (they wrote
+# every component's value, a password or a customer's card number included, to disk and reopened
+# it for anyone with the link), uploads (no component takes files), run history, media streaming,
+# screen recording, the editing assistant, the proxy and dev reload.
+REFUSED_ROUTES = (
+    "/gradio_api/deep_link", "/gradio_api/upload", "/gradio_api/upload_progress", "/gradio_api/runs",
+    "/gradio_api/run-history", "/gradio_api/stream", "/gradio_api/process_recording", "/gradio_api/vibe",
+    "/gradio_api/undo-vibe", "/gradio_api/proxy=", "/gradio_api/dev", "/gradio_api/profiling", "/monitoring",
+)
+# api_name -> parameters, in order (the session comes from the page state, the staff member from the
+# sign-in cookie; never from the caller's arguments).
 API_NAMES = {
-    "chat": "message, history",
+    "chat": "message",
     "vote": "turn_id, value ('up' or 'down'), reason (optional, thumbs-down only)",
-    "staff_signin": "name, password",
     "staff_signout": "",
-    "review_queue": "",
+    "review_queue": "page (1 = newest complaints first)",
     "review_item": "turn_id",
     "correct": "turn_id, corrected answer, label (optional)",
     "approve": "turn_id, label (optional)",
@@ -45,16 +73,28 @@ QUEUE_HEADERS = ["answer #", "vote", "reason", "question", "answer", "adapter", 
 
 
 def _shown(fn):
-    """Refusals from the services become a gr.Error the person sees (and an API caller receives)."""
+    """Refusals from the services become a gr.Error the person sees (and an API caller receives);
+    anything else is logged with an id and shown only as a generic message with that id."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (store.FeedbackError, auth.AuthError, ChatError) as exc:
+        except (store.FeedbackError, auth.AuthError, ChatError, turns.TooManySessions) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception as exc:
+            raise _internal_error(f"{fn.__name__} failed") from exc
 
     return wrapper
+
+
+def _internal_error(what: str) -> gr.Error:
+    """A generic message with an id for the person; the detail goes to the log under the same id."""
+    error_id = secrets.token_hex(4)
+    log.exception("%s (error %s)", what, error_id)
+    return gr.Error(f"Sorry, something went wrong (error {error_id}). Please try again.", print_exception=False)
 
 
 def build_app(
@@ -62,40 +102,56 @@ def build_app(
     db: ThreadLocalDB,
     base_model: str,
     title: str = TITLE,
-    tokens: auth.StaffTokens | None = None,
 ) -> gr.Blocks:
     """The customer chat at ``/`` (answers stream and are logged with their adapter; customers vote)
-    and the staff view at ``/staff`` (sign in, review queue, corrections, approvals, examples)."""
-    tokens = tokens or auth.StaffTokens()
+    and the staff view at ``/staff`` (review queue, corrections, approvals, examples), with the
+    staff sign-in form at ``/staff/login``. :func:`launch` serves it with :data:`REFUSED_ROUTES` off."""
+    cfg = service.cfg
     with gr.Blocks(title=title) as demo:
         _customer_page(demo, service, db, base_model, title)
     with demo.route("Staff", STAFF_PATH.strip("/"), show_in_navbar=False):
-        _staff_page(db, tokens, title)
+        _staff_page(demo, db, title)
+    # What launch() passes to Gradio for this app: our routes first, the guard around everything.
+    demo.tuneloop_server = {
+        "app_kwargs": {
+            "routes": _staff_routes(db, cfg, title),
+            "middleware": [Middleware(_SurfaceGuard, db=db)],
+        },
+        "run_history": False,
+        "footer_links": [],
+        "max_file_size": "1kb",
+        "state_session_capacity": cfg.max_browser_sessions,
+    }
     return demo
 
 
 def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, base_model: str, title: str) -> None:
-    def start_session():
-        return turns.new_session(db.get(), "customer")
+    cfg = service.cfg
+    limits = store.VoteLimits(per_address=cfg.votes_per_address_per_minute, overall=cfg.votes_per_minute)
 
-    def respond(message: str, history: list, session_id: str | None, answer_turns: list | None):
-        history = list(history or [])
-        answer_turns = list(answer_turns or [])
+    def respond(message: str, session_id: str | None, request: gr.Request):
         if not session_id:
-            session_id = start_session()
+            try:
+                session_id = turns.new_session(db.get(), "customer", _address(request), cfg.sessions_per_address_per_minute)
+            except turns.TooManySessions as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
+        # The conversation is the server's record of this session, never what the client sends.
+        earlier = turns.conversation(db.get(), session_id, cfg.max_conversation_turns, cfg.max_history_bytes)
+        pairs = [(t["question"], t["answer"]) for t in earlier]
         try:
-            stream = service.answer(message, _pairs(history))
+            stream = service.answer(message, pairs)
         except ChatError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         question = message.strip()
-        turn_id = turns.start_turn(db.get(), session_id, question, _pairs(history), base_model)
-        history = history + [
-            {"role": "user", "content": _as_text(question)},
-            {"role": "assistant", "content": ""},
-        ]
-        # The turn id of every chat message (None for questions), so a like on any answer finds its turn.
-        answer_turns = answer_turns[: len(history) - 2]
-        answer_turns += [None] * (len(history) - 2 - len(answer_turns)) + [None, turn_id]
+        turn_id = turns.start_turn(db.get(), session_id, question, pairs, base_model)
+        history, answer_turns = [], []
+        for t in earlier:
+            history += [{"role": "user", "content": _as_text(t["question"])},
+                        {"role": "assistant", "content": _as_text(t["answer"])}]
+            # The turn id of every chat message (None for questions), so a like on any answer finds its turn.
+            answer_turns += [None, t["turn_id"]]
+        history += [{"role": "user", "content": _as_text(question)}, {"role": "assistant", "content": ""}]
+        answer_turns += [None, turn_id]
         status, error = "interrupted", None
         try:
             for _piece in stream:
@@ -103,9 +159,9 @@ def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, bas
                 yield history, "", session_id, turn_id, answer_turns
             status = "complete"
         except Exception as exc:
-            status, error = "error", f"{exc.__class__.__name__}: {exc}"
-            log.exception("generation failed for turn %s", turn_id)
-            raise gr.Error("Sorry, the assistant failed to answer. Please try again.") from exc
+            failure = _internal_error(f"generation failed for turn {turn_id}")
+            status, error = "error", f"{failure.message}: {exc.__class__.__name__}: {exc}"
+            raise failure from exc
         finally:
             # Runs also when the customer disconnects mid-answer (GeneratorExit): what was
             # streamed so far is kept, marked "interrupted".
@@ -114,7 +170,7 @@ def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, bas
 
     @_shown
     def vote(turn_id: int, value: str, reason: str, session_id: str | None) -> str:
-        result = store.log_vote(db.get(), session_id, turn_id, value, reason)
+        result = store.log_vote(db.get(), session_id, turn_id, value, reason, limits)
         return _vote_note(result)
 
     @_shown
@@ -123,13 +179,13 @@ def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, bas
         turn_id = (answer_turns or [])[index] if 0 <= index < len(answer_turns or []) else None
         if turn_id is None or liked.liked not in (True, False):
             return gr.update(), gr.update(visible=False), None
-        result = store.log_vote(db.get(), session_id, turn_id, "up" if liked.liked else "down")
+        result = store.log_vote(db.get(), session_id, turn_id, "up" if liked.liked else "down", None, limits)
         # A thumbs-down opens the optional "what was wrong?" box for that answer.
         return _vote_note(result), gr.update(visible=not liked.liked, value=""), turn_id
 
     @_shown
     def send_reason(reason: str, turn_id: int | None, session_id: str | None):
-        result = store.log_vote(db.get(), session_id, turn_id, "down", reason)
+        result = store.log_vote(db.get(), session_id, turn_id, "down", reason, limits)
         return _vote_note(result), gr.update(visible=False, value="")
 
     gr.Markdown(f"## {title}")
@@ -154,11 +210,11 @@ def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, bas
         vote_reason = gr.Textbox(label="reason")
         vote_button = gr.Button("vote")
 
-    demo.load(start_session, outputs=session, api_visibility="private")
+    # No session on page load: a conversation (a row in SQLite) starts with its first message.
     for trigger in (box.submit, send.click):
         trigger(
             respond,
-            inputs=[box, chatbot, session, answer_turns],
+            inputs=[box, session],
             outputs=[chatbot, box, session, last_turn, answer_turns],
             api_name="chat" if trigger == box.submit else False,
             concurrency_id="chat",
@@ -178,40 +234,52 @@ def _vote_note(result: dict) -> str:
     return "Thanks for the rating." if result["value"] == store.UP else "Thanks; staff will review this answer."
 
 
-def _staff_page(db: ThreadLocalDB, tokens: auth.StaffTokens, title: str) -> None:
-    def staff_name(token: str | None) -> str:
-        """The signed-in staff member; refused for a missing, expired or disabled sign-in."""
-        name = tokens.require(token)
-        if not auth.is_staff(db.get(), name):
-            tokens.revoke(token)
-            raise auth.AuthError("This staff user is disabled; ask an administrator.")
-        return name
+def _staff_page(demo: gr.Blocks, db: ThreadLocalDB, title: str) -> None:
+    def signed_in(request: gr.Request) -> str:
+        """The staff member of the request's sign-in cookie; refused generically otherwise."""
+        return _staff_of(db, request)
 
     @_shown
-    def signin(name: str, password: str):
-        signed_in = auth.sign_in(db.get(), name, password)
-        return tokens.issue(signed_in), signed_in
-
-    def show_panel():
-        return gr.update(visible=False), gr.update(visible=True), ""
+    def load_panel(request: gr.Request):
+        name = signed_in(request)
+        return name, gr.update(visible=True), gr.update(visible=False)
 
     @_shown
-    def signout(token: str | None):
-        tokens.revoke(token)
-        return None, "", gr.update(visible=True), gr.update(visible=False)
+    def signout(request: gr.Request):
+        # The page's button goes to /staff/logout, which also clears the cookie; API callers use this.
+        signed_in(request)
+        auth.end_session(db.get(), _cookie(request))
+        return "", gr.update(visible=False), gr.update(visible=True)
 
     @_shown
-    def queue(token: str | None):
-        staff_name(token)
+    def queue(page: float | None, request: gr.Request):
+        signed_in(request)
         return [
             [item["turn_id"], item["vote"] or "", item["reason"] or "", item["question"],
              item["answer"] or "", item["adapter"] or "base model", item["created_at"][:19].replace("T", " ")]
-            for item in store.review_queue(db.get())
+            for item in store.review_queue(db.get(), _page(page))
         ]
 
     @_shown
-    def open_item(token: str | None, turn_id: int | None):
-        staff_name(token)
+    def queue_note(page: float | None, request: gr.Request) -> str:
+        signed_in(request)
+        waiting = store.review_queue_size(db.get())
+        pages = max(1, -(-waiting // store.REVIEW_PAGE_SIZE))
+        return f"Page {_page(page)} of {pages}: {waiting} answers wait for review."
+
+    @_shown
+    def newer_page(page: float | None, request: gr.Request) -> int:
+        signed_in(request)
+        return max(1, _page(page) - 1)
+
+    @_shown
+    def older_page(page: float | None, request: gr.Request) -> int:
+        signed_in(request)
+        return _page(page) + 1
+
+    @_shown
+    def open_item(turn_id: int | None, request: gr.Request):
+        signed_in(request)
         item = store.review_item(db.get(), turn_id)
         conversation = []
         for asked, answered in item["history"] + [[item["question"], item["answer"] or ""]]:
@@ -226,36 +294,40 @@ def _staff_page(db: ThreadLocalDB, tokens: auth.StaffTokens, title: str) -> None
         return conversation, item["adapter"] or "none (base model)", vote, item["answer"] or "", latest_label
 
     @_shown
-    def correct(token: str | None, turn_id: int | None, answer: str, label: str):
-        row = store.record_correction(db.get(), staff_name(token), turn_id, answer, label)
+    def correct(turn_id: int | None, answer: str, label: str, request: gr.Request):
+        row = store.record_correction(db.get(), signed_in(request), turn_id, answer, label)
         return f"Correction {row} saved for answer {int(turn_id)}."
 
     @_shown
-    def approve(token: str | None, turn_id: int | None, label: str):
-        row = store.approve(db.get(), staff_name(token), turn_id, label)
+    def approve(turn_id: int | None, label: str, request: gr.Request):
+        row = store.approve(db.get(), signed_in(request), turn_id, label)
         return f"Answer {int(turn_id)} approved (row {row})."
 
     @_shown
-    def add_example(token: str | None, question: str, answer: str, label: str):
-        row = store.add_example(db.get(), staff_name(token), question, answer, label)
+    def add_example(question: str, answer: str, label: str, request: gr.Request):
+        row = store.add_example(db.get(), signed_in(request), question, answer, label)
         return f"Example {row} added."
 
-    def pick_row(selected: gr.SelectData):
+    @_shown
+    def pick_row(selected: gr.SelectData, request: gr.Request):
+        signed_in(request)
         return (selected.row_value or [None])[0]
 
     gr.Markdown(f"## {title}: staff review")
-    token = gr.State(None)
-    with gr.Column(visible=True) as signin_box:
-        name = gr.Textbox(label="Staff name", max_length=64)
-        password = gr.Textbox(label="Password", type="password", max_length=auth.MAX_PASSWORD_CHARS)
-        signin_button = gr.Button("Sign in", variant="primary")
+    # Shown until the page's load event finds a live sign-in (an expired one stays here).
+    signed_out = gr.Markdown(f"Staff only: [sign in]({STAFF_LOGIN_PATH}) first.")
     with gr.Column(visible=False) as panel:
         with gr.Row():
             whoami = gr.Textbox(label="Signed in as", interactive=False, scale=3)
-            signout_button = gr.Button("Sign out", scale=1)
-        refresh_model, model_outputs = _model_section(db)
-        gr.Markdown("### Review queue: thumbs-down first, then recent unrated answers")
-        refresh = gr.Button("Refresh queue")
+            signout_button = gr.Button("Sign out", scale=1, link=STAFF_LOGOUT_PATH, link_target="_self")
+        refresh_model, model_outputs = _model_section(db, signed_in)
+        gr.Markdown("### Review queue: thumbs-down first (newest first), then thumbs-up awaiting approval, then unrated answers")
+        with gr.Row():
+            page = gr.Number(1, label="Page", precision=0, minimum=1, scale=1)
+            newer = gr.Button("Newer", scale=1)
+            older = gr.Button("Older", scale=1)
+            refresh = gr.Button("Refresh queue", scale=1)
+        page_info = gr.Markdown()
         queue_table = gr.Dataframe(headers=QUEUE_HEADERS, interactive=False, wrap=True, max_height=360)
         with gr.Row():
             turn_box = gr.Number(None, label="turn_id", precision=0, scale=1)
@@ -277,34 +349,38 @@ def _staff_page(db: ThreadLocalDB, tokens: auth.StaffTokens, title: str) -> None
         result = gr.Textbox(label="Result", interactive=False)
 
     private = dict(api_visibility="private")
-    signin_event = signin_button.click(signin, [name, password], [token, whoami], api_name="staff_signin")
-    password.submit(signin, [name, password], [token, whoami], **private).success(
-        show_panel, None, [signin_box, panel, password], **private
-    ).success(refresh_model, None, model_outputs, **private).success(queue, token, queue_table, **private)
-    signin_event.success(show_panel, None, [signin_box, panel, password], **private).success(
+    item_outputs = [conversation, adapter_used, vote_info, corrected, label]
+    demo.load(load_panel, None, [whoami, panel, signed_out], **private).success(
         refresh_model, None, model_outputs, **private
-    ).success(queue, token, queue_table, **private)
-    signout_button.click(signout, token, [token, whoami, signin_box, panel], api_name="staff_signout")
-    refresh.click(queue, token, queue_table, api_name="review_queue").then(
-        refresh_model, None, model_outputs, **private
+    ).success(queue, page, queue_table, **private).success(queue_note, page, page_info, **private)
+    signout_button.click(signout, None, [whoami, panel, signed_out], api_name="staff_signout")
+    refresh.click(queue, page, queue_table, api_name="review_queue").success(
+        queue_note, page, page_info, **private
+    ).success(refresh_model, None, model_outputs, **private)
+    for button, move in ((newer, newer_page), (older, older_page)):
+        button.click(move, page, page, **private).success(
+            queue, page, queue_table, **private
+        ).success(queue_note, page, page_info, **private)
+    queue_table.select(pick_row, None, turn_box, **private).success(open_item, turn_box, item_outputs, **private)
+    open_button.click(open_item, turn_box, item_outputs, api_name="review_item")
+    correct_button.click(correct, [turn_box, corrected, label], result, api_name="correct").success(
+        queue, page, queue_table, **private
     )
-    queue_table.select(pick_row, None, turn_box, **private).success(
-        open_item, [token, turn_box], [conversation, adapter_used, vote_info, corrected, label], **private
+    approve_button.click(approve, [turn_box, label], result, api_name="approve").success(
+        queue, page, queue_table, **private
     )
-    open_button.click(
-        open_item, [token, turn_box], [conversation, adapter_used, vote_info, corrected, label], api_name="review_item"
-    )
-    correct_button.click(correct, [token, turn_box, corrected, label], result, api_name="correct").success(
-        queue, token, queue_table, **private
-    )
-    approve_button.click(approve, [token, turn_box, label], result, api_name="approve").success(
-        queue, token, queue_table, **private
-    )
-    add_button.click(add_example, [token, example_question, example_answer, example_label], result, api_name="add_example")
-    _blind_review_section(db, panel, token, staff_name)
+    add_button.click(add_example, [example_question, example_answer, example_label], result, api_name="add_example")
+    _blind_review_section(db, panel, signed_in)
 
 
-def _model_section(db: ThreadLocalDB):
+def _page(page: float | None) -> int:
+    try:
+        return max(1, int(page or 1))
+    except (TypeError, ValueError, OverflowError):
+        return 1
+
+
+def _model_section(db: ThreadLocalDB, signed_in):
     """The staff view's model section: the adapter serving now, the last gate decision and the F1
     history plot the last report wrote (data from :mod:`feedback.review`).
 
@@ -316,7 +392,10 @@ def _model_section(db: ThreadLocalDB):
     decision = gr.Textbox(label="Last promotion decision", interactive=False, lines=4)
     history = gr.Image(label="F1 across adapter versions", type="filepath", interactive=False, height=320)
 
-    def refresh():
+    @_shown
+    def refresh(request: gr.Request):
+        # Staff only, like every staff event: reachable by its function index even without an API name.
+        signed_in(request)
         png = review.f1_history_png()
         return (adapters.current_version() or "none (base model)", review.retrain_text(db.get()),
                 review.decision_text(review.last_decision(db.get())), str(png) if png else None)
@@ -324,7 +403,7 @@ def _model_section(db: ThreadLocalDB):
     return refresh, [current, run, decision, history]
 
 
-def _blind_review_section(db: ThreadLocalDB, panel: gr.Column, token: gr.State, staff_name) -> None:
+def _blind_review_section(db: ThreadLocalDB, panel: gr.Column, signed_in) -> None:
     """Blind side-by-side review of current and candidate answers (which side is which is hidden)."""
 
     def shares_text() -> str:
@@ -332,21 +411,24 @@ def _blind_review_section(db: ThreadLocalDB, panel: gr.Column, token: gr.State, 
         return "Marked accurate and helpful: " + (", ".join(
             f"{s['adapter']} {s['helpful_share']:.0%} of {s['marks']}" for s in shares) or "no marks yet")
 
-    def next_pair(token: str | None):
-        try:
-            pair = review.next_pair(db.get(), staff_name(token))
-        except auth.AuthError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+    def pair_outputs(staff: str):
+        pair = review.next_pair(db.get(), staff)
         if pair is None:
             return None, "Nothing left to review.", "", "", False, False, shares_text()
         return pair["pair_id"], pair["question"], pair["left"], pair["right"], False, False, shares_text()
 
-    def save(token: str | None, pair_id: int | None, left_ok: bool, right_ok: bool):
+    @_shown
+    def next_pair(request: gr.Request):
+        return pair_outputs(signed_in(request))
+
+    @_shown
+    def save(pair_id: int | None, left_ok: bool, right_ok: bool, request: gr.Request):
+        staff = signed_in(request)
         try:
-            review.mark_pair(db.get(), staff_name(token), pair_id, left_ok, right_ok)
-        except (auth.AuthError, review.ReviewError) as exc:
+            review.mark_pair(db.get(), staff, pair_id, left_ok, right_ok)
+        except review.ReviewError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
-        return next_pair(token)
+        return pair_outputs(staff)
 
     with panel, gr.Accordion("Blind review: which answers are accurate and helpful?", open=False):
         pair_id = gr.Number(None, label="pair", precision=0, visible=False)
@@ -362,8 +444,8 @@ def _blind_review_section(db: ThreadLocalDB, panel: gr.Column, token: gr.State, 
             save_button = gr.Button("Save and next", variant="primary")
         shares = gr.Markdown()
     outputs = [pair_id, question, left, right, left_ok, right_ok, shares]
-    next_button.click(next_pair, token, outputs, api_name="review_next_pair")
-    save_button.click(save, [token, pair_id, left_ok, right_ok], outputs, api_name="review_mark")
+    next_button.click(next_pair, None, outputs, api_name="review_next_pair")
+    save_button.click(save, [pair_id, left_ok, right_ok], outputs, api_name="review_mark")
 
 
 def _as_text(text: str) -> str:
@@ -372,21 +454,113 @@ def _as_text(text: str) -> str:
     return html.escape(text, quote=False)
 
 
-def _pairs(history: list) -> list[tuple[str, str]]:
-    """(question, answer) pairs from Gradio's message list, unescaped back to what was typed."""
-    pairs, question = [], None
-    for message in history:
-        role, content = message["role"], message["content"]
-        text = content if isinstance(content, str) else " ".join(
-            part.get("text", "") for part in content if isinstance(part, dict)
-        )
-        text = html.unescape(text)
-        if role == "user":
-            question = text
-        elif role == "assistant" and question is not None:
-            pairs.append((question, text))
-            question = None
-    return pairs
+# --- staff sign-in and the guard in front of Gradio ----------------------------------------------
+
+
+def _cookie(request) -> str | None:
+    """The staff session token of a gr.Request or a Starlette request (None without one)."""
+    return (getattr(request, "cookies", None) or {}).get(STAFF_COOKIE)
+
+
+def _address(request) -> str:
+    """The client address of a request (the proxy's X-Forwarded-For where uvicorn trusts it)."""
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None) or "unknown"
+
+
+def _staff_of(db: ThreadLocalDB, request) -> str:
+    """The enabled staff member whose live session the request's cookie names; :class:`auth.AuthError`
+    with one generic message for everything else (no cookie, expired, signed out, disabled)."""
+    name = auth.session_staff(db.get(), _cookie(request)) if request is not None else None
+    if name is None:
+        raise auth.AuthError(STAFF_ONLY)
+    return name
+
+
+def _staff_routes(db: ThreadLocalDB, cfg, title: str) -> list[Route]:
+    """``/staff/login`` (GET: the form; POST: check, set the cookie, go to /staff) and ``/staff/logout``."""
+    limits = auth.SigninLimits(hashes_per_minute=cfg.signin_hashes_per_minute,
+                               hashes_per_address_per_minute=cfg.signin_hashes_per_address_per_minute)
+    ttl_s = cfg.staff_session_hours * 3600
+
+    async def login_form(request: Request):
+        return _login_page(title, "")
+
+    async def login(request: Request):
+        origin = request.headers.get("origin")
+        if origin and urllib.parse.urlsplit(origin).netloc != request.headers.get("host"):
+            return _login_page(title, "Sign in from this site's own page.", 403)
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_LOGIN_BODY_BYTES:
+                return _login_page(title, "That sign-in form was too large.", 413)
+        form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), max_num_fields=4)
+        name, password = (form.get("name") or [""])[0], (form.get("password") or [""])[0]
+        address = _address(request)
+        try:
+            # Hashing takes tens of milliseconds: off the event loop.
+            # (db.get() inside the lambda: a connection belongs to the thread that uses it.)
+            staff = await run_in_threadpool(lambda: auth.sign_in(db.get(), name, password, address, limits))
+            token = await run_in_threadpool(lambda: auth.create_session(db.get(), staff, ttl_s, address))
+        except auth.AuthError as exc:
+            return _login_page(title, str(exc), 429 if "try again" in str(exc) else 401)
+        response = RedirectResponse(request.scope.get("root_path", "") + STAFF_PATH, status_code=303)
+        response.set_cookie(STAFF_COOKIE, token, max_age=int(ttl_s), path="/", httponly=True,
+                            samesite="strict", secure=request.url.scheme == "https")
+        return response
+
+    async def logout(request: Request):
+        await run_in_threadpool(lambda: auth.end_session(db.get(), _cookie(request)))
+        response = RedirectResponse(request.scope.get("root_path", "") + STAFF_LOGIN_PATH, status_code=303)
+        response.delete_cookie(STAFF_COOKIE, path="/", httponly=True, samesite="strict",
+                               secure=request.url.scheme == "https")
+        return response
+
+    return [
+        Route(STAFF_LOGIN_PATH, login_form, methods=["GET"]),
+        Route(STAFF_LOGIN_PATH, login, methods=["POST"]),
+        Route(STAFF_LOGOUT_PATH, logout, methods=["GET", "POST"]),
+    ]
+
+
+def _login_page(title: str, message: str, status: int = 200) -> HTMLResponse:
+    note = f'<p role="alert" style="color:#b00">{html.escape(message)}</p>' if message else ""
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}: staff sign-in</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:24rem;margin:4rem auto;padding:0 1rem}}
+label,input,button{{display:block;width:100%;margin:.3rem 0;font-size:1rem}}input,button{{padding:.5rem}}</style>
+</head><body><h2>{html.escape(title)}: staff sign-in</h2>{note}
+<form method="post" action="{STAFF_LOGIN_PATH}" autocomplete="on">
+<label for="name">Staff name</label><input id="name" name="name" maxlength="64" autocomplete="username" required>
+<label for="password">Password</label><input id="password" name="password" type="password" maxlength="{auth.MAX_PASSWORD_CHARS}" autocomplete="current-password" required>
+<button type="submit">Sign in</button></form></body></html>"""
+    return HTMLResponse(page, status_code=status, headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY"})
+
+
+class _SurfaceGuard:
+    """ASGI middleware in front of Gradio: :data:`REFUSED_ROUTES` answer 404, and the staff page
+    itself is sent to the sign-in form unless the request carries a live staff session."""
+
+    def __init__(self, app, db: ThreadLocalDB):
+        self.app = app
+        self.db = db
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path.startswith(REFUSED_ROUTES):
+                await JSONResponse({"detail": "Not Found"}, status_code=404)(scope, receive, send)
+                return
+            if path.rstrip("/") == STAFF_PATH:
+                request = Request(scope)
+                signed_in = await run_in_threadpool(lambda: auth.session_staff(self.db.get(), _cookie(request)))
+                if signed_in is None:
+                    target = scope.get("root_path", "") + STAFF_LOGIN_PATH
+                    await RedirectResponse(target, status_code=303)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 def launch(demo: gr.Blocks, host: str, port: int, concurrency: int, block: bool = True):
@@ -396,6 +570,9 @@ def launch(demo: gr.Blocks, host: str, port: int, concurrency: int, block: bool 
         server_port=port,
         share=False,
         prevent_thread_lock=not block,
-        show_error=True,
+        # Customers see gr.Error messages only; anything else is logged with an id (see _shown).
+        show_error=False,
         quiet=True,
+        # build_app's own routes, the guard, and the Gradio surface this app does not use turned off.
+        **getattr(demo, "tuneloop_server", {}),
     )

@@ -63,6 +63,10 @@ class ServeConfig:
     """Longest customer message accepted; longer ones get a clear refusal."""
     max_history_turns: int = 3
     """Earlier turns of the conversation included in the prompt."""
+    retrieval_k: int = 3
+    """Approved question/answer pairs put in the prompt when the base model serves (0 = none); an adapter uses what it was trained with."""
+    retrieval_min_score: float = 0.4
+    """Least cosine similarity between a pair's question and the customer's for the pair to be used (chosen by benchmarks/retrieval_threshold.py)."""
     concurrency: int = 4
     """Answers generated at once: llama_cpp decodes them together in one batch; transformers on CPU lets them take turns on the model's one thread, on CUDA runs them at once."""
     max_queue: int = 32
@@ -71,6 +75,24 @@ class ServeConfig:
     """Address the server binds; 127.0.0.1 keeps it off the network."""
     port: int = 7860
     """Port the server listens on."""
+    staff_session_hours: float = 8.0
+    """How long a staff sign-in lasts; then staff sign in again."""
+    max_conversation_turns: int = 20
+    """Turns of one conversation the server keeps showing; older ones drop off the page."""
+    max_history_bytes: int = 32_000
+    """Most bytes of earlier conversation kept with a turn and shown back; older turns drop off first."""
+    sessions_per_address_per_minute: int = 120
+    """New conversations one client address may start per minute; past that it is asked to wait."""
+    votes_per_address_per_minute: int = 30
+    """Votes that count per client address per minute, over all its conversations; more are kept but flagged."""
+    votes_per_minute: int = 600
+    """Votes that count per minute for the whole server; more are kept but flagged."""
+    signin_hashes_per_minute: int = 60
+    """Password checks per minute for all sign-ins together; past that sign-in asks to wait."""
+    signin_hashes_per_address_per_minute: int = 10
+    """Password checks per minute for one client address."""
+    max_browser_sessions: int = 2000
+    """Browser sessions whose page state the server keeps in memory; the oldest is dropped first."""
 
     def __post_init__(self) -> None:
         check(self.quantization in ("nf4", "none"), f"quantization must be 'nf4' or 'none', not {self.quantization!r}")
@@ -83,9 +105,17 @@ class ServeConfig:
         check(1.0 <= self.repetition_penalty <= 2.0, "repetition_penalty must be between 1.0 and 2.0")
         check(1 <= self.max_input_chars <= 100_000, "max_input_chars must be between 1 and 100000")
         check(0 <= self.max_history_turns <= 50, "max_history_turns must be between 0 and 50")
+        check(0 <= self.retrieval_k <= 20, "retrieval_k must be between 0 (no references) and 20")
+        check(0.0 <= self.retrieval_min_score <= 1.0, "retrieval_min_score must be between 0 and 1")
         check(1 <= self.concurrency <= 64, "concurrency must be between 1 and 64")
         check(0 <= self.max_queue <= 1000, "max_queue must be between 0 and 1000")
         check(0 < self.port < 65536, "port must be between 1 and 65535")
+        check(0 < self.staff_session_hours <= 24 * 30, "staff_session_hours must be between 0 and 720")
+        check(1 <= self.max_conversation_turns <= 1000, "max_conversation_turns must be between 1 and 1000")
+        check(1_000 <= self.max_history_bytes <= 10_000_000, "max_history_bytes must be between 1000 and 10000000")
+        for name in ("sessions_per_address_per_minute", "votes_per_address_per_minute", "votes_per_minute",
+                     "signin_hashes_per_minute", "signin_hashes_per_address_per_minute", "max_browser_sessions"):
+            check(getattr(self, name) >= 1, f"{name} must be at least 1")
         check(bool(self.system_prompt.strip()), "system_prompt must not be empty")
 
 

@@ -1,11 +1,18 @@
-"""Staff users: scrypt password hashes, rate-limited sign-in, and short-lived sign-in tokens.
+"""Staff users, throttled sign-in, and server-side staff sessions.
 
-A password is stored as ``scrypt$n=16384,r=8,p=1$<salt>$<hash>`` (base64), so the parameters travel
-with the hash and can be raised later without breaking old rows. Every sign-in attempt is recorded
-in ``signin_attempts``; after :data:`MAX_FAILURES` failures for one name within
-:data:`FAILURE_WINDOW_S` that name is refused until the window has passed. A successful sign-in
-gets a random token kept in this process's memory with an expiry; the page holds it in its state
-and every staff action presents it.
+Passwords are stored as argon2id hashes (argon2-cffi) at OWASP's recommended parameters (19 MiB,
+2 passes, 1 lane). Hashes made with older parameters, including this module's earlier
+``scrypt$n=16384,...`` format, still verify and are replaced at the member's next successful sign-in.
+
+Sign-in throttling cannot be turned against staff: no name is ever locked. Before any password is
+hashed, the attempt takes a place in a global budget of hashes per minute (the CPU sign-in may
+take from answering customers) and a per-address budget, and a (name, address) pair with repeated
+failures waits an exponential backoff. The checks and the recording of the attempt run in one
+IMMEDIATE transaction, so concurrent attempts cannot all pass a check only one of them should.
+
+A successful sign-in creates a row in ``staff_sessions`` and returns a random token for an HttpOnly
+cookie; the table keeps only the token's sha256. Sessions expire, and end on sign-out, password
+change (``add_staff`` again) and :func:`disable_staff`.
 """
 
 from __future__ import annotations
@@ -15,60 +22,85 @@ import hashlib
 import hmac
 import re
 import secrets
-import threading
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+import argon2
 import sqlite_utils
 
 from feedback.text import NOT_STORABLE, is_storable
 
-SCRYPT_N = 2**14
-SCRYPT_R = 8
-SCRYPT_P = 1
-SALT_BYTES = 16
-HASH_BYTES = 32
-MAX_FAILURES = 5
+# OWASP Password Storage Cheat Sheet: argon2id, m=19 MiB, t=2, p=1.
+ARGON2_TIME_COST = 2
+ARGON2_MEMORY_KIB = 19 * 1024
+ARGON2_PARALLELISM = 1
 FAILURE_WINDOW_S = 15 * 60
-TOKEN_TTL_S = 8 * 3600
+SESSION_TTL_S = 8 * 3600
 MIN_PASSWORD_CHARS = 8
 MAX_PASSWORD_CHARS = 1024
+TOKEN_BYTES = 32
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HASHER = argon2.PasswordHasher(
+    time_cost=ARGON2_TIME_COST, memory_cost=ARGON2_MEMORY_KIB, parallelism=ARGON2_PARALLELISM
+)
 # Verified against when the name is unknown, so an unknown name costs the same time as a known one.
 _DUMMY_HASH: str | None = None
+BUSY = "Too many sign-in attempts right now; please try again in a minute."
+WRONG = "Wrong staff name or password."
 
 
 class AuthError(PermissionError):
     """A sign-in or staff action is refused; the message says why (never which half was wrong)."""
 
 
+@dataclass(frozen=True)
+class SigninLimits:
+    """How many password hashes sign-in may compute, and the backoff after failures."""
+
+    hashes_per_minute: int = 60
+    hashes_per_address_per_minute: int = 10
+    backoff_after_failures: int = 3
+    max_backoff_s: float = 300.0
+
+
 def hash_password(password: str) -> str:
-    """A self-describing scrypt hash of ``password`` with a fresh random salt."""
-    salt = secrets.token_bytes(SALT_BYTES)
-    digest = _scrypt(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
-    return f"scrypt$n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+    """An argon2id hash of ``password`` with a fresh random salt (self-describing PHC string)."""
+    return _HASHER.hash(password)
 
 
 def verify_password(password: str, stored: str) -> bool:
-    """True when ``password`` matches the ``stored`` hash (constant-time comparison)."""
+    """True when ``password`` matches the ``stored`` hash (argon2id, or the older scrypt format)."""
+    if stored.startswith("scrypt$"):
+        return _verify_scrypt(password, stored)
     try:
-        scheme, params, salt, digest = stored.split("$")
+        return _HASHER.verify(stored, password)
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+        return False
+
+
+def needs_rehash(stored: str) -> bool:
+    """True when ``stored`` was made with another scheme or weaker parameters than today's."""
+    if not stored.startswith("$argon2id$"):
+        return True
+    try:
+        return _HASHER.check_needs_rehash(stored)
+    except argon2.exceptions.InvalidHashError:
+        return True
+
+
+def _verify_scrypt(password: str, stored: str) -> bool:
+    try:
+        _scheme, params, salt, digest = stored.split("$")
         settings = dict(item.split("=") for item in params.split(","))
         n, r, p = int(settings["n"]), int(settings["r"]), int(settings["p"])
         salt_bytes, expected = base64.b64decode(salt), base64.b64decode(digest)
     except (ValueError, KeyError):
         return False
-    if scheme != "scrypt":
-        return False
-    return hmac.compare_digest(_scrypt(password, salt_bytes, n, r, p, len(expected)), expected)
-
-
-def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, length: int = HASH_BYTES) -> bytes:
-    return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=128 * n * r * p + (1 << 20), dklen=length)
-
-
-def _b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
+    actual = hashlib.scrypt(password.encode("utf-8"), salt=salt_bytes, n=n, r=r, p=p,
+                            maxmem=128 * n * r * p + (1 << 20), dklen=len(expected))
+    return hmac.compare_digest(actual, expected)
 
 
 def check_name(name: str) -> str:
@@ -80,18 +112,33 @@ def check_name(name: str) -> str:
 
 
 def add_staff(db: sqlite_utils.Database, name: str, password: str) -> str:
-    """Create staff user ``name`` (or reset its password and re-enable it); returns the name."""
+    """Create staff user ``name`` (or reset its password and re-enable it); returns the name.
+
+    A reset ends every session of that user: whoever signed in with the old password is out.
+    """
     name = check_name(name)
     if not is_storable(password):
         raise AuthError(f"The password {NOT_STORABLE}.")
     if not MIN_PASSWORD_CHARS <= len(password) <= MAX_PASSWORD_CHARS:
         raise AuthError(f"A password is {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters long.")
     hashed = hash_password(password)
-    with db.conn:
+    with _transaction(db):
+        # Sessions first: sqlite-utils commits at its own write, which must be the last statement.
+        db.execute("DELETE FROM staff_sessions WHERE name = ?", [name])
         db["staff_users"].upsert(
             {"name": name, "password_hash": hashed, "created_at": _iso(_utcnow()), "disabled": 0}, pk="name"
         )
     return name
+
+
+def disable_staff(db: sqlite_utils.Database, name: str) -> int:
+    """Disable staff user ``name`` and end all their sessions; returns the sessions ended."""
+    name = check_name(name)
+    with _transaction(db):
+        if db.execute("SELECT 1 FROM staff_users WHERE name = ?", [name]).fetchone() is None:
+            raise AuthError(f"There is no staff user {name!r}.")
+        db.execute("UPDATE staff_users SET disabled = 1 WHERE name = ?", [name])
+        return db.execute("DELETE FROM staff_sessions WHERE name = ?", [name]).rowcount
 
 
 def list_staff(db: sqlite_utils.Database) -> list[dict]:
@@ -107,34 +154,61 @@ def is_staff(db: sqlite_utils.Database, name: str | None) -> bool:
     return bool(rows)
 
 
-def sign_in(db: sqlite_utils.Database, name: str, password: str) -> str:
+def sign_in(db: sqlite_utils.Database, name: str, password: str, address: str | None = None,
+            limits: SigninLimits = SigninLimits()) -> str:
     """Check a staff name and password; return the name, or raise :class:`AuthError`.
 
-    Refused outright (without checking the password) while the name has had
-    :data:`MAX_FAILURES` failed attempts in the last :data:`FAILURE_WINDOW_S` seconds.
+    Refused without hashing (and without being recorded) when the global or ``address``'s hash
+    budget for the last minute is spent, or while this name and address wait out their backoff.
     """
     name = (name or "").strip()[:64]
     password = (password or "")[:MAX_PASSWORD_CHARS]
+    address = (address or "unknown")[:64]
     if not name or not password:
         raise AuthError("Enter your staff name and password.")
     if not (is_storable(name) and is_storable(password)):
-        raise AuthError("Wrong staff name or password.")
-    since = _iso(_utcnow() - timedelta(seconds=FAILURE_WINDOW_S))
-    failures = db.execute(
-        "SELECT count(*) FROM signin_attempts WHERE name = ? AND ok = 0 AND created_at > ?", [name, since]
-    ).fetchone()[0]
-    if failures >= MAX_FAILURES:
-        # Not recorded: otherwise someone guessing could keep a colleague locked out forever.
-        raise AuthError(
-            f"Too many failed sign-ins for {name!r}; try again in {FAILURE_WINDOW_S // 60} minutes."
-        )
+        raise AuthError(WRONG)
+    now = _utcnow()
+    with _transaction(db):
+        minute_ago = _iso(now - timedelta(seconds=60))
+        overall = db.execute("SELECT count(*) FROM signin_attempts WHERE created_at > ?", [minute_ago]).fetchone()[0]
+        from_address = db.execute(
+            "SELECT count(*) FROM signin_attempts WHERE address = ? AND created_at > ?", [address, minute_ago]
+        ).fetchone()[0]
+        if overall >= limits.hashes_per_minute or from_address >= limits.hashes_per_address_per_minute:
+            raise AuthError(BUSY)
+        wait = _backoff_left(db, name, address, now, limits)
+        if wait > 0:
+            raise AuthError(f"Too many failed sign-ins; try again in {int(wait) + 1} seconds.")
+        # Recorded as a failure until the password is checked: an attempt in flight counts.
+        attempt = db["signin_attempts"].insert(
+            {"name": name, "ok": 0, "address": address, "created_at": _iso(now)}
+        ).last_pk
     row = db.execute("SELECT password_hash FROM staff_users WHERE name = ? AND disabled = 0", [name]).fetchone()
     ok = verify_password(password, row[0] if row else _dummy_hash()) and row is not None
-    with db.conn:
-        db["signin_attempts"].insert({"name": name, "ok": int(ok), "created_at": _iso(_utcnow())})
     if not ok:
-        raise AuthError("Wrong staff name or password.")
+        raise AuthError(WRONG)
+    upgraded = hash_password(password) if needs_rehash(row[0]) else None
+    with _transaction(db):
+        db.execute("UPDATE signin_attempts SET ok = 1 WHERE id = ?", [attempt])
+        if upgraded:
+            db.execute("UPDATE staff_users SET password_hash = ? WHERE name = ? AND password_hash = ?",
+                       [upgraded, name, row[0]])
     return name
+
+
+def _backoff_left(db, name: str, address: str, now: datetime, limits: SigninLimits) -> float:
+    """Seconds this name and address must still wait: 1, 2, 4, ... after the allowed failures."""
+    since = _iso(now - timedelta(seconds=FAILURE_WINDOW_S))
+    failures, last = db.execute(
+        "SELECT count(*), max(created_at) FROM signin_attempts "
+        "WHERE name = ? AND address = ? AND ok = 0 AND created_at > ?",
+        [name, address, since],
+    ).fetchone()
+    if failures < limits.backoff_after_failures:
+        return 0.0
+    delay = min(2.0 ** (failures - limits.backoff_after_failures), limits.max_backoff_s)
+    return delay - (now - datetime.fromisoformat(last)).total_seconds()
 
 
 def _dummy_hash() -> str:
@@ -144,43 +218,50 @@ def _dummy_hash() -> str:
     return _DUMMY_HASH
 
 
-class StaffTokens:
-    """Sign-in tokens held in memory: ``token -> (staff name, expiry)``; thread-safe.
+def create_session(db: sqlite_utils.Database, name: str, ttl_s: float = SESSION_TTL_S, address: str | None = None) -> str:
+    """A new session for signed-in staff member ``name``; returns its token (for the cookie only)."""
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    now = _utcnow()
+    with _transaction(db):
+        # Expired sessions are dropped here, so the table cannot grow without bound.
+        db.execute("DELETE FROM staff_sessions WHERE expires_at <= ?", [_iso(now)])
+        db["staff_sessions"].insert({
+            "token_hash": _token_hash(token), "name": name, "address": (address or "")[:64] or None,
+            "created_at": _iso(now), "expires_at": _iso(now + timedelta(seconds=ttl_s)),
+        })
+    return token
 
-    Tokens die with the process, which signs everyone out on restart; that is acceptable for a
-    staff view and keeps secrets out of the database.
-    """
 
-    def __init__(self, ttl_s: float = TOKEN_TTL_S):
-        self.ttl_s = ttl_s
-        self._tokens: dict[str, tuple[str, float]] = {}
-        self._lock = threading.Lock()
+def session_staff(db: sqlite_utils.Database, token: str | None) -> str | None:
+    """The enabled staff member a live session token belongs to, or None."""
+    if not token or not isinstance(token, str) or len(token) > 256:
+        return None
+    row = db.execute(
+        "SELECT s.name FROM staff_sessions s JOIN staff_users u ON u.name = s.name "
+        "WHERE s.token_hash = ? AND s.expires_at > ? AND u.disabled = 0",
+        [_token_hash(token), _iso(_utcnow())],
+    ).fetchone()
+    return row[0] if row else None
 
-    def issue(self, name: str) -> str:
-        """A fresh unguessable token for ``name``."""
-        token = secrets.token_urlsafe(32)
-        with self._lock:
-            now = time.monotonic()
-            # Drop expired tokens so the table cannot grow without bound.
-            self._tokens = {t: v for t, v in self._tokens.items() if v[1] > now}
-            self._tokens[token] = (name, now + self.ttl_s)
-        return token
 
-    def require(self, token: str | None) -> str:
-        """The staff name the token was issued to; :class:`AuthError` if missing, unknown or expired."""
-        if not token or not isinstance(token, str):
-            raise AuthError("Staff only: sign in at /staff first.")
-        with self._lock:
-            entry = self._tokens.get(token)
-            if entry is None or entry[1] <= time.monotonic():
-                self._tokens.pop(token, None)
-                raise AuthError("Your staff sign-in has expired or is not valid; sign in again.")
-            return entry[0]
+def end_session(db: sqlite_utils.Database, token: str | None) -> None:
+    """Sign out: the session of ``token`` stops working at once."""
+    if token and isinstance(token, str):
+        with _transaction(db):
+            db.execute("DELETE FROM staff_sessions WHERE token_hash = ?", [_token_hash(token)])
 
-    def revoke(self, token: str | None) -> None:
-        """Sign out: the token stops working at once."""
-        with self._lock:
-            self._tokens.pop(token or "", None)
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+
+
+@contextmanager
+def _transaction(db: sqlite_utils.Database) -> Iterator[None]:
+    with db.conn:
+        # IMMEDIATE takes the write lock before the checks: two concurrent sign-ins cannot both
+        # pass a budget check that only one of them should.
+        db.execute("BEGIN IMMEDIATE")
+        yield
 
 
 def _utcnow() -> datetime:

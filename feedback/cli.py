@@ -30,6 +30,17 @@ def cmd_staff_add(args) -> int:
     return 0
 
 
+def cmd_staff_disable(args) -> int:
+    """Disable a staff user and sign them out everywhere at once (`staff add` re-enables them)."""
+    try:
+        ended = auth.disable_staff(connect(), args.name)
+    except auth.AuthError as exc:
+        print(f"tuneloop staff disable: {exc}", file=sys.stderr)
+        return 2
+    print(f"staff user {args.name} disabled; {ended} session(s) ended")
+    return 0
+
+
 def cmd_staff_list(args) -> int:
     """List staff users (never their password hashes)."""
     users = auth.list_staff(connect())
@@ -53,13 +64,13 @@ def cmd_feedback_stats(args) -> int:
 
 
 def cmd_feedback_export(args) -> int:
-    """Export gold corrections, approvals and thumbs-up answers as chat-messages JSONL."""
+    """Export staff corrections, approvals and hand-written examples (and, if asked, thumbs-up answers) as chat-messages JSONL."""
     # The served persona is the system message, so training sees exactly what is served; the
     # serve config's loader lives in assistant.config (only this CLI layer reads it).
     from assistant.config import ServeConfig, load
 
     system_prompt = load(ServeConfig, "serve").system_prompt
-    lines = list(store.export_jsonl(connect(), system_prompt))
+    lines = list(store.export_jsonl(connect(), system_prompt, args.include_thumbs_up))
     text = "".join(line + "\n" for line in lines)
     if args.output:
         try:
@@ -86,6 +97,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("name", help="staff name: letters, digits, '.', '_', '-' (at most 64)")
     q.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin instead of prompting")
     q.set_defaults(handler=cmd_staff_add)
+    q = staff_sub.add_parser("disable", help=cmd_staff_disable.__doc__, description=cmd_staff_disable.__doc__)
+    q.add_argument("name", help="the staff name to disable")
+    q.set_defaults(handler=cmd_staff_disable)
     q = staff_sub.add_parser("list", help=cmd_staff_list.__doc__, description=cmd_staff_list.__doc__)
     q.add_argument("--json", action="store_true", help="print as JSON")
     q.set_defaults(handler=cmd_staff_list)
@@ -98,4 +112,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q = feedback_sub.add_parser("export", help=cmd_feedback_export.__doc__, description=cmd_feedback_export.__doc__)
     q.add_argument("--format", choices=["jsonl"], default="jsonl", help="output format (chat-messages JSONL)")
     q.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
+    q.add_argument("--include-thumbs-up", action="store_true",
+                   help="also export thumbs-up answers no staff member approved (anyone can vote: off by default)")
     q.set_defaults(handler=cmd_feedback_export)

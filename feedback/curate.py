@@ -6,7 +6,9 @@ guardrails, write the snapshot (unless nothing changed).
 
 * Gold: staff corrections (the corrected answer replaces the turn's answer), staff approvals,
   hand-written ``manual`` examples, and imported/pack examples.
-* Silver: answers whose counting vote is a thumbs-up (``include_thumbs_up``). The counting vote is
+* Silver, only with ``include_thumbs_up`` (off by default: a vote costs an anonymous customer
+  nothing, so by default a thumbs-up trains only once staff approve it, which makes it gold):
+  answers whose counting vote is a thumbs-up. The counting vote is
   the latest unflagged vote of the turn, as in :mod:`feedback.store`; a turn with a staff
   correction or approval is trained on the staff answer only.
 * A thumbs-down never becomes a training target; only a staff correction of it does.
@@ -36,8 +38,8 @@ LABEL_IMBALANCE_WARN = 10  # warn when the commonest label has this many times t
 
 @dataclass
 class CurateConfig:
-    include_thumbs_up: bool = True
-    """Train on answers customers gave a thumbs-up (silver, ranked below staff answers)."""
+    include_thumbs_up: bool = False
+    """Also train on answers customers gave a thumbs-up without staff approval (silver); off, since anyone can vote."""
     near_duplicate_threshold: float = dedupe.NEAR_DUPLICATE_THRESHOLD
     """Cosine similarity at or above which two questions count as the same (collapse, decontamination)."""
     min_train_examples: int = 20

@@ -167,6 +167,56 @@ def m0003_human_review(db: sqlite_utils.Database) -> None:
     db["review_marks"].create_index(["pair_id", "side", "staff_user"], unique=True)
 
 
+@migrations(name="0004_web_security")
+def m0004_web_security(db: sqlite_utils.Database) -> None:
+    # Staff sign-ins as server-side sessions (feedback.auth): the browser holds a random token in an
+    # HttpOnly cookie, the table holds only its sha256, so a copy of the database signs nobody in.
+    db["staff_sessions"].create(
+        {"token_hash": str, "name": str, "address": str, "created_at": str, "expires_at": str},
+        pk="token_hash",
+        foreign_keys=[("name", "staff_users", "name")],
+        not_null={"name", "created_at", "expires_at"},
+    )
+    db["staff_sessions"].create_index(["name"])
+    db["staff_sessions"].create_index(["expires_at"])
+    # The client address of a sign-in attempt and of a chat session: sign-in hash budgets and
+    # vote limits per address, not only per name or per (easily renewed) session.
+    db["signin_attempts"].add_column("address", str)
+    db["signin_attempts"].create_index(["address", "created_at"])
+    db["signin_attempts"].create_index(["created_at"])
+    db["sessions"].add_column("address", str)
+    db["sessions"].create_index(["address", "created_at"])
+    db["votes"].create_index(["created_at"])
+
+
+@migrations(name="0005_knowledge")
+def m0005_knowledge(db: sqlite_utils.Database) -> None:
+    # The approved question/answer pairs answers are grounded on (feedback.knowledge), each with its
+    # MiniLM vector (float32 bytes) in the same row, so a pair and its vector are stored together.
+    # ``source_id`` names where the pair came from ("examples:12", "corrections:3", "catalog:..."):
+    # a removed pair keeps its row with ``removed_at`` set, so no later sync brings it back.
+    # AUTOINCREMENT (not sqlite-utils' plain rowid): an id is never reused after a delete, which is
+    # what lets a server notice any change of the table from its highest id, count and id sum.
+    db.execute(
+        """
+        CREATE TABLE "knowledge" (
+           "id" INTEGER PRIMARY KEY AUTOINCREMENT,
+           "source" TEXT NOT NULL,
+           "source_id" TEXT NOT NULL,
+           "question" TEXT NOT NULL,
+           "answer" TEXT NOT NULL,
+           "label" TEXT,
+           "vector" BLOB NOT NULL,
+           "created_at" TEXT NOT NULL,
+           "removed_at" TEXT
+        )
+        """
+    )
+    db["knowledge"].create_index(["source_id"], unique=True)
+    # The references an answer was given (JSON list of {"id", "score"}), beside the adapter.
+    db["turns"].add_column("sources", str)
+
+
 def apply(db: sqlite_utils.Database) -> None:
     """Bring ``db`` to the latest schema; applying twice changes nothing."""
     migrations.apply(db)

@@ -2,9 +2,10 @@
 examples, the review queue, counts, and the export of training examples.
 
 Votes are never updated or deleted: each vote is a new row and the latest unflagged one for a turn
-counts. A session that votes faster than :data:`VOTE_BURST_LIMIT` votes per
-:data:`VOTE_BURST_WINDOW_S` seconds still gets its votes stored (as evidence), but marked
-``flagged`` and left out of every count, queue and export, so a burst cannot poison training data.
+counts. A vote past one of the limits of :class:`VoteLimits` (per session, per client address
+across all its sessions, and for the whole server, each per minute) is still stored (as evidence),
+but marked ``flagged`` and left out of every count, queue and export. A thumbs-up alone is never
+training data unless the curation config asks for it: staff approve good answers from the queue.
 
 Corrections rows have three kinds: ``correction`` (staff rewrote the answer of a turn),
 ``approval`` (staff marked the turn's answer as good; its answer is copied) and ``manual`` (a
@@ -18,14 +19,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
+from dataclasses import dataclass
+
 import sqlite_utils
 
 from feedback.text import NOT_STORABLE, is_storable
 
-from feedback import auth
+from feedback import auth, knowledge
 
 VOTE_BURST_LIMIT = 10
 VOTE_BURST_WINDOW_S = 60
+REVIEW_PAGE_SIZE = 50
 MAX_REASON_CHARS = 500
 MAX_ANSWER_CHARS = 4000
 MAX_QUESTION_CHARS = 2000
@@ -50,6 +54,15 @@ class FeedbackError(ValueError):
     """A vote, correction or example is refused; the message is shown to the person who sent it."""
 
 
+@dataclass(frozen=True)
+class VoteLimits:
+    """Votes counted per :data:`VOTE_BURST_WINDOW_S` seconds; past any of them a vote is flagged."""
+
+    per_session: int = VOTE_BURST_LIMIT
+    per_address: int = 30
+    overall: int = 600
+
+
 @contextmanager
 def _transaction(db: sqlite_utils.Database) -> Iterator[None]:
     """Checks and writes in one transaction: all of it is stored or none of it."""
@@ -60,7 +73,8 @@ def _transaction(db: sqlite_utils.Database) -> Iterator[None]:
         yield
 
 
-def log_vote(db: sqlite_utils.Database, session_id: str, turn_id: int, value: int | str, reason: str | None = None) -> dict:
+def log_vote(db: sqlite_utils.Database, session_id: str, turn_id: int, value: int | str, reason: str | None = None,
+             limits: VoteLimits = VoteLimits()) -> dict:
     """Record a customer's thumbs up (``1``/``"up"``) or down (``-1``/``"down"``) on one of their turns.
 
     Returns ``{"id", "turn_id", "value", "flagged"}``. Refuses turns that do not exist, belong to
@@ -90,7 +104,16 @@ def log_vote(db: sqlite_utils.Database, session_id: str, turn_id: int, value: in
             "AND turn_id IN (SELECT id FROM turns WHERE session_id = ?)",
             [session_id, since, session_id],
         ).fetchone()[0]
-        flagged = int(recent >= VOTE_BURST_LIMIT)
+        # A new session is free to open, so the session limit alone is no limit: the client
+        # address's sessions together, and the whole server, have their own.
+        (address,) = db.execute("SELECT address FROM sessions WHERE id = ?", [session_id]).fetchone()
+        from_address = db.execute(
+            "SELECT count(*) FROM votes v JOIN sessions s ON s.id = v.session_id "
+            "WHERE v.created_at > ? AND s.address = ?",
+            [since, address],
+        ).fetchone()[0] if address else 0
+        overall = db.execute("SELECT count(*) FROM votes WHERE created_at > ?", [since]).fetchone()[0]
+        flagged = int(recent >= limits.per_session or from_address >= limits.per_address or overall >= limits.overall)
         vote_id = db["votes"].insert(
             {"turn_id": turn_id, "session_id": session_id, "value": value, "reason": reason,
              "flagged": flagged, "created_at": _iso(_utcnow())}
@@ -103,22 +126,24 @@ def record_correction(db: sqlite_utils.Database, staff_user: str, turn_id: int, 
     answer = _text(answer, "corrected answer", MAX_ANSWER_CHARS)
     label = _label(label)
     turn_id = _turn_id(turn_id)
+    vector = _question_vector(db, staff_user, lambda: _turn(db, turn_id)["question"])
     with _transaction(db):
         _require_staff(db, staff_user)
         question = _turn(db, turn_id)["question"]
-        return _insert_correction(db, "correction", turn_id, question, answer, label, staff_user)
+        return _insert_correction(db, "correction", turn_id, question, answer, label, staff_user, vector)
 
 
 def approve(db: sqlite_utils.Database, staff_user: str, turn_id: int, label: str | None = None) -> int:
     """Mark a turn's answer as good (it becomes a training example as is); returns the row id."""
     label = _label(label)
     turn_id = _turn_id(turn_id)
+    vector = _question_vector(db, staff_user, lambda: _turn(db, turn_id)["question"])
     with _transaction(db):
         _require_staff(db, staff_user)
         turn = _turn(db, turn_id)
         if turn["status"] != "complete" or not (turn["answer"] or "").strip():
             raise FeedbackError(f"Answer {turn_id} is incomplete ({turn['status']}); write a correction instead.")
-        return _insert_correction(db, "approval", turn_id, turn["question"], turn["answer"], label, staff_user)
+        return _insert_correction(db, "approval", turn_id, turn["question"], turn["answer"], label, staff_user, vector)
 
 
 def add_example(db: sqlite_utils.Database, staff_user: str, question: str, answer: str, label: str | None = None) -> int:
@@ -126,43 +151,65 @@ def add_example(db: sqlite_utils.Database, staff_user: str, question: str, answe
     question = _text(question, "question", MAX_QUESTION_CHARS)
     answer = _text(answer, "answer", MAX_ANSWER_CHARS)
     label = _label(label)
+    vector = _question_vector(db, staff_user, lambda: question)
     with _transaction(db):
         _require_staff(db, staff_user)
-        return _insert_correction(db, "manual", None, question, answer, label, staff_user)
+        return _insert_correction(db, "manual", None, question, answer, label, staff_user, vector)
 
 
-def _insert_correction(db, kind, turn_id, question, answer, label, staff_user) -> int:
+def _question_vector(db, staff_user, question):
+    """The knowledge index's vector of the question, computed before the write lock is taken (the
+    first embedding in a process loads the model); staff are checked first, so a refused caller
+    costs no model time."""
+    _require_staff(db, staff_user)
+    return knowledge.question_vector(db, question())
+
+
+def _insert_correction(db, kind, turn_id, question, answer, label, staff_user, vector) -> int:
     row = {"turn_id": turn_id, "kind": kind, "question": question, "answer": answer, "label": label,
            "staff_user": staff_user, "created_at": _iso(_utcnow())}
-    return int(db["corrections"].insert(row).last_pk)
+    row_id = int(db["corrections"].insert(row).last_pk)
+    # In the same transaction: the next question can be answered from it, and it is never indexed
+    # without being saved (feedback.knowledge).
+    knowledge.add_staff_entry(db, kind, row_id, turn_id, question, answer, label, vector)
+    return row_id
 
 
-def review_queue(db: sqlite_utils.Database, limit: int = 50) -> list[dict]:
-    """Turns waiting for staff: thumbs-down first, then recent unrated answers, newest first.
+_PENDING = f"""
+    WITH {_LATEST_VOTES}
+    SELECT t.id AS turn_id, lv.value AS vote_value, lv.reason, t.question, t.answer, t.adapter, t.created_at
+    FROM turns t
+    LEFT JOIN latest_votes lv ON lv.turn_id = t.id
+    WHERE t.id NOT IN (SELECT turn_id FROM reviewed)
+      AND t.answer IS NOT NULL AND t.status != 'streaming'
+"""
+
+
+def review_queue(db: sqlite_utils.Database, page: int = 1, page_size: int = REVIEW_PAGE_SIZE) -> list[dict]:
+    """One page (1 = first) of the turns waiting for staff: thumbs-down first, then thumbs-up
+    (a thumbs-up trains only once staff approve it), then unrated answers, each newest first.
 
     A turn leaves the queue once it has a correction or approval. Each item holds ``turn_id``,
-    ``vote`` ("down" or None), ``reason``, ``question``, ``answer``, ``adapter``, ``created_at``.
+    ``vote`` ("down", "up" or None), ``reason``, ``question``, ``answer``, ``adapter``, ``created_at``.
     """
+    page = max(1, int(page or 1))
     rows = db.query(
-        f"""
-        WITH {_LATEST_VOTES}
-        SELECT t.id AS turn_id, lv.value AS vote_value, lv.reason, t.question, t.answer, t.adapter,
-               t.created_at
-        FROM turns t
-        LEFT JOIN latest_votes lv ON lv.turn_id = t.id
-        WHERE t.id NOT IN (SELECT turn_id FROM reviewed)
-          AND t.answer IS NOT NULL AND t.status != 'streaming'
-          AND (lv.value = -1 OR lv.value IS NULL)
-        ORDER BY (lv.value = -1) DESC, t.id DESC
-        LIMIT ?
+        f"""{_PENDING}
+        ORDER BY CASE lv.value WHEN -1 THEN 0 WHEN 1 THEN 1 ELSE 2 END, t.id DESC
+        LIMIT ? OFFSET ?
         """,
-        [limit],
+        [page_size, (page - 1) * page_size],
     )
     return [
-        {"turn_id": r["turn_id"], "vote": "down" if r["vote_value"] == DOWN else None, "reason": r["reason"],
+        {"turn_id": r["turn_id"], "vote": {DOWN: "down", UP: "up"}.get(r["vote_value"]), "reason": r["reason"],
          "question": r["question"], "answer": r["answer"], "adapter": r["adapter"], "created_at": r["created_at"]}
         for r in rows
     ]
+
+
+def review_queue_size(db: sqlite_utils.Database) -> int:
+    """How many turns wait for staff in all (every page of :func:`review_queue`)."""
+    return int(db.execute(f"SELECT count(*) FROM ({_PENDING})").fetchone()[0])
 
 
 def review_item(db: sqlite_utils.Database, turn_id: int) -> dict:
@@ -211,11 +258,11 @@ def stats(db: sqlite_utils.Database) -> dict:
     return dict(zip(keys, (int(v) for v in row)))
 
 
-def export_rows(db: sqlite_utils.Database) -> list[dict]:
+def export_rows(db: sqlite_utils.Database, include_thumbs_up: bool = False) -> list[dict]:
     """The examples training may use, oldest first: ``{"source", "id", "turn_id", "question", "answer", "label"}``.
 
-    Per turn the latest staff correction or approval wins; otherwise a complete answer whose
-    counting vote is thumbs-up. Every manual example. Thumbs-down answers never.
+    Per turn the latest staff correction or approval wins; with ``include_thumbs_up`` also a
+    complete answer whose counting vote is thumbs-up. Every manual example. Thumbs-down answers never.
     """
     rows = db.query(
         f"""
@@ -233,9 +280,10 @@ def export_rows(db: sqlite_utils.Database) -> list[dict]:
         SELECT 'thumbs_up', t.id, t.id, t.question, t.answer, NULL, t.created_at
         FROM turns t JOIN latest_votes lv ON lv.turn_id = t.id
         WHERE lv.value = 1 AND t.status = 'complete' AND trim(coalesce(t.answer, '')) != ''
-          AND t.id NOT IN (SELECT turn_id FROM reviewed)
+          AND t.id NOT IN (SELECT turn_id FROM reviewed) AND ?
         ORDER BY created_at, id
-        """
+        """,
+        [int(include_thumbs_up)],
     )
     return [{k: r[k] for k in ("source", "id", "turn_id", "question", "answer", "label")} for r in rows]
 
@@ -251,9 +299,9 @@ def chat_example(system_prompt: str, question: str, answer: str) -> dict:
     }
 
 
-def export_jsonl(db: sqlite_utils.Database, system_prompt: str) -> Iterator[str]:
+def export_jsonl(db: sqlite_utils.Database, system_prompt: str, include_thumbs_up: bool = False) -> Iterator[str]:
     """The exported examples as JSONL lines (no trailing newline), one chat example each."""
-    for row in export_rows(db):
+    for row in export_rows(db, include_thumbs_up):
         yield json.dumps(chat_example(system_prompt, row["question"], row["answer"]), ensure_ascii=False)
 
 

@@ -19,6 +19,9 @@ CREATE INDEX "idx_examples_split"
 -- index idx_gate_decisions_candidate
 CREATE INDEX "idx_gate_decisions_candidate"
     ON "gate_decisions" ("candidate");
+-- index idx_knowledge_source_id
+CREATE UNIQUE INDEX "idx_knowledge_source_id"
+    ON "knowledge" ("source_id");
 -- index idx_retrain_runs_status
 CREATE INDEX "idx_retrain_runs_status"
     ON "retrain_runs" ("status");
@@ -28,15 +31,33 @@ CREATE UNIQUE INDEX "idx_review_marks_pair_id_side_staff_user"
 -- index idx_review_pairs_batch
 CREATE INDEX "idx_review_pairs_batch"
     ON "review_pairs" ("batch");
+-- index idx_sessions_address_created_at
+CREATE INDEX "idx_sessions_address_created_at"
+    ON "sessions" ("address", "created_at");
+-- index idx_signin_attempts_address_created_at
+CREATE INDEX "idx_signin_attempts_address_created_at"
+    ON "signin_attempts" ("address", "created_at");
+-- index idx_signin_attempts_created_at
+CREATE INDEX "idx_signin_attempts_created_at"
+    ON "signin_attempts" ("created_at");
 -- index idx_signin_attempts_name_created_at
 CREATE INDEX "idx_signin_attempts_name_created_at"
     ON "signin_attempts" ("name", "created_at");
+-- index idx_staff_sessions_expires_at
+CREATE INDEX "idx_staff_sessions_expires_at"
+    ON "staff_sessions" ("expires_at");
+-- index idx_staff_sessions_name
+CREATE INDEX "idx_staff_sessions_name"
+    ON "staff_sessions" ("name");
 -- index idx_turns_created_at
 CREATE INDEX "idx_turns_created_at"
     ON "turns" ("created_at");
 -- index idx_turns_session_id
 CREATE INDEX "idx_turns_session_id"
     ON "turns" ("session_id");
+-- index idx_votes_created_at
+CREATE INDEX "idx_votes_created_at"
+    ON "votes" ("created_at");
 -- index idx_votes_turn_id_session_id
 CREATE INDEX "idx_votes_turn_id_session_id"
     ON "votes" ("turn_id", "session_id");
@@ -120,6 +141,18 @@ CREATE TABLE "gate_decisions" (
    "config" TEXT,
    "created_at" TEXT NOT NULL
 );
+-- table knowledge
+CREATE TABLE "knowledge" (
+           "id" INTEGER PRIMARY KEY AUTOINCREMENT,
+           "source" TEXT NOT NULL,
+           "source_id" TEXT NOT NULL,
+           "question" TEXT NOT NULL,
+           "answer" TEXT NOT NULL,
+           "label" TEXT,
+           "vector" BLOB NOT NULL,
+           "created_at" TEXT NOT NULL,
+           "removed_at" TEXT
+        );
 -- table retrain_runs
 CREATE TABLE "retrain_runs" (
    "id" INTEGER PRIMARY KEY,
@@ -165,13 +198,21 @@ CREATE TABLE "sessions" (
    "id" TEXT PRIMARY KEY,
    "kind" TEXT NOT NULL,
    "created_at" TEXT NOT NULL
-);
+, "address" TEXT);
 -- table signin_attempts
 CREATE TABLE "signin_attempts" (
    "id" INTEGER PRIMARY KEY,
    "name" TEXT NOT NULL,
    "ok" INTEGER NOT NULL,
    "created_at" TEXT NOT NULL
+, "address" TEXT);
+-- table staff_sessions
+CREATE TABLE "staff_sessions" (
+   "token_hash" TEXT PRIMARY KEY,
+   "name" TEXT NOT NULL REFERENCES "staff_users"("name"),
+   "address" TEXT,
+   "created_at" TEXT NOT NULL,
+   "expires_at" TEXT NOT NULL
 );
 -- table staff_users
 CREATE TABLE "staff_users" (
@@ -197,7 +238,7 @@ CREATE TABLE "turns" (
    "tokens_out" INTEGER,
    "created_at" TEXT NOT NULL,
    "finished_at" TEXT
-);
+, "sources" TEXT);
 -- table votes
 CREATE TABLE "votes" (
    "id" INTEGER PRIMARY KEY,

@@ -9,6 +9,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import httpx
 import pytest
 from gradio_client import Client
 
@@ -28,9 +29,21 @@ pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 class Served:
     url: str
     backend: ScriptedBackend
+    demo: object = None
 
-    def client(self) -> Client:
-        return Client(self.url, verbose=False, download_files=False)
+    def client(self, cookie: str | None = None) -> Client:
+        headers = {"Cookie": f"{app.STAFF_COOKIE}={cookie}"} if cookie else None
+        return Client(self.url, verbose=False, download_files=False, headers=headers)
+
+    def sign_in(self, name: str = "alice", password: str = STAFF_PASSWORD) -> httpx.Response:
+        """POST the staff sign-in form, as the browser does (no redirect followed)."""
+        return httpx.post(f"{self.url}{app.STAFF_LOGIN_PATH}", data={"name": name, "password": password}, timeout=30)
+
+    def staff_client(self, name: str = "alice", password: str = STAFF_PASSWORD) -> Client:
+        """A gradio_client that carries a signed-in staff member's session cookie."""
+        response = self.sign_in(name, password)
+        assert response.status_code == 303, response.text
+        return self.client(response.cookies[app.STAFF_COOKIE])
 
     def rows(self, sql: str, params=()) -> list[tuple]:
         with sqlite3.connect(paths.feedback_db()) as conn:
@@ -44,15 +57,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_scripted(delay_s: float = 0.0, concurrency: int = 4, max_input_chars: int = 2000):
-    """The app on a free 127.0.0.1 port with a scripted backend and one staff user, closed after."""
+def serve_scripted(delay_s: float = 0.0, concurrency: int = 4, max_input_chars: int = 2000,
+                   backend: ScriptedBackend | None = None, **settings):
+    """The app on a free 127.0.0.1 port with a scripted backend and one staff user, closed after;
+    ``settings`` are further ServeConfig fields."""
     auth.add_staff(connect(), "alice", STAFF_PASSWORD)
-    backend = ScriptedBackend(delay_s=delay_s)
-    cfg = ServeConfig(concurrency=concurrency, max_input_chars=max_input_chars)
+    backend = backend or ScriptedBackend(delay_s=delay_s)
+    cfg = ServeConfig(concurrency=concurrency, max_input_chars=max_input_chars, **settings)
     demo = app.build_app(ChatService(cfg, backend), ThreadLocalDB(), "scripted-base")
     _, url, _ = app.launch(demo, "127.0.0.1", free_port(), concurrency, block=False)
     try:
-        yield Served(url.rstrip("/"), backend)
+        yield Served(url.rstrip("/"), backend, demo)
     finally:
         demo.close()
 
@@ -140,8 +155,9 @@ def test_customers_cannot_reach_staff_actions(served):
     for args, api_name in staff_calls:
         with pytest.raises(Exception, match="Staff only: sign in at /staff first"):
             customer.predict(*args, api_name=api_name)
-    with pytest.raises(Exception, match="Wrong staff name or password"):
-        customer.predict("alice", "not the password", api_name="/staff_signin")
+    refused = served.sign_in("alice", "not the password")
+    assert refused.status_code == 401 and "Wrong staff name or password" in refused.text
+    assert app.STAFF_COOKIE not in refused.cookies
     with pytest.raises(Exception, match="Staff only"):
         customer.predict(turn_id, "A better answer.", "", api_name="/correct")
     assert served.rows("SELECT count(*) FROM corrections") == [(0,)]
@@ -153,8 +169,7 @@ def test_staff_review_correct_approve_and_add_example(served):
     fine = ask(customer, "Where is my nearest branch?")
     customer.predict(disliked, "down", "wrong fee", api_name="/vote")
 
-    staff = served.client()
-    assert staff.predict("alice", STAFF_PASSWORD, api_name="/staff_signin") == "alice"
+    staff = served.staff_client()
     queue = staff.predict(api_name="/review_queue")
     assert queue["headers"] == app.QUEUE_HEADERS
     assert [row[0] for row in queue["data"]] == [disliked, fine]
@@ -188,8 +203,7 @@ def test_blind_review_marks_are_stored_through_the_apps_own_database(served):
     review.add_review_pairs(connect(), "run1", [
         review.ReviewPair("Can I freeze my card?", "Yes.", "v1", "Yes, in the app.", None, "No."),
     ])
-    staff = served.client()
-    assert staff.predict("alice", STAFF_PASSWORD, api_name="/staff_signin") == "alice"
+    staff = served.staff_client()
     pair_id, question, left, right, *_ = staff.predict(api_name="/review_next_pair")
     assert (question, left, right) == ("Can I freeze my card?", "Yes, in the app.", "No.")
     _pair, nothing_left, *_, shares = staff.predict(pair_id, True, False, api_name="/review_mark")
@@ -207,7 +221,7 @@ def test_html_in_messages_is_stored_verbatim_and_never_rendered_as_html(served):
     shown = history[0]["content"][0]["text"]
     assert "<img" not in shown and shown.startswith("&lt;img src=x")
     # ... and the model sees the earlier turn exactly as typed, not the escaped copy.
-    client.predict("and then?", history, api_name="/chat")
+    client.predict("and then?", api_name="/chat")
     assert served.backend.calls[-1][1] == {"role": "user", "content": payload}
     config = client.config
     chatbots = [c for c in config["components"] if c.get("type") == "chatbot"]
@@ -221,7 +235,8 @@ def test_html_in_messages_is_stored_verbatim_and_never_rendered_as_html(served):
 
 def test_twenty_concurrent_customers_lose_no_row(tuneloop_home):
     customers, questions_each = 20, 2
-    with serve_scripted(delay_s=0.005, concurrency=8) as running:
+    # One address for all twenty: the per-address vote limit is raised so that every vote counts.
+    with serve_scripted(delay_s=0.005, concurrency=8, votes_per_address_per_minute=1000) as running:
         errors: list[BaseException] = []
 
         def customer(index: int) -> None:

@@ -1,5 +1,6 @@
 """A customer and a staff member in a real headless Chromium: ask, thumbs-down with a reason, sign
-in at /staff, correct the answer; then the correction is read back from SQLite.
+in at /staff (the HTML form at /staff/login), correct the answer; then the correction is read back
+from SQLite, and neither Gradio's state nor the browser's storage holds the password or the session.
 
 Set ``$TUNELOOP_SCREENSHOTS`` to a folder to keep screenshots of both views (the README uses them).
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import app
 from test_app import STAFF_PASSWORD, serve_scripted
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -50,6 +52,9 @@ def screenshot(page, name: str) -> None:
 def test_customer_thumbs_down_then_staff_correction(browser, tuneloop_home):
     from playwright.sync_api import expect
 
+    # The first correction may load the embedding model (knowledge index): more than expect's 5 s.
+    expect.set_options(timeout=TIMEOUT_MS)
+
     question = 'Is the <img src=x onerror="window.pwned=1"> card fee waived?'
     with serve_scripted(delay_s=0.01) as served:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -60,6 +65,7 @@ def test_customer_thumbs_down_then_staff_correction(browser, tuneloop_home):
         chat = page.locator(".bubble-wrap, [data-testid='chatbot']").first
         # The markup shows as the characters typed: no image element, no script run.
         expect(chat.get_by_text("You asked: " + question)).to_be_visible()
+        assert page.get_by_text("Staff only").count() == 0  # the staff page's load event stays on its page
         assert chat.locator("img[src='x']").count() == 0
         assert page.evaluate("window.pwned") is None
 
@@ -74,11 +80,14 @@ def test_customer_thumbs_down_then_staff_correction(browser, tuneloop_home):
             (-1, None), (-1, "The fee is not waived.")]
 
         page.goto(served.url + "/staff")
+        expect(page).to_have_url(re.compile(re.escape(app.STAFF_LOGIN_PATH) + "$"))
         expect(page.get_by_label("Corrected answer")).to_be_hidden()
         page.get_by_label("Staff name").fill("alice")
         page.get_by_label("Password").fill(STAFF_PASSWORD)
         page.get_by_role("button", name="Sign in").click()
         expect(page.get_by_label("Signed in as")).to_have_value("alice")
+        (cookie,) = [c for c in page.context.cookies() if c["name"] == app.STAFF_COOKIE]
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and page.evaluate("document.cookie") == ""
         table = page.get_by_role("grid", name="Dataframe")
         reason_cell = table.get_by_role("gridcell", name="The fee is not waived.")
         expect(reason_cell).to_be_visible()
@@ -96,3 +105,12 @@ def test_customer_thumbs_down_then_staff_correction(browser, tuneloop_home):
 
         assert served.rows("SELECT turn_id, kind, question, answer, label, staff_user FROM corrections") == [
             (turn_id, "correction", question, "No: the card fee is 2 EUR a month.", "card_fees", "alice")]
+
+        # Neither the browser's storage nor Gradio's server-side state holds the password or the session.
+        stored = page.evaluate("JSON.stringify([Object.entries(localStorage), Object.entries(sessionStorage)])")
+        state = repr([(s.config_values, s.state_data) for s in served.demo.state_holder.session_data.values()])
+        for secret in (STAFF_PASSWORD, cookie["value"]):
+            assert secret not in stored and secret not in state
+        page.get_by_text("Sign out", exact=True).click()  # a link to /staff/logout
+        expect(page).to_have_url(re.compile(re.escape(app.STAFF_LOGIN_PATH) + "$"))
+        assert served.rows("SELECT count(*) FROM staff_sessions") == [(0,)]
