@@ -9,6 +9,7 @@ new version, never a torn file; its ``history`` makes rollback one step.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -109,6 +110,25 @@ def read_provenance(folder: Path) -> dict:
         return json.loads(file.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise AdapterError(f"adapter {folder.name} refused: {PROVENANCE_FILE} is not JSON ({exc})") from exc
+
+
+def retrieval_settings(version: str) -> dict | None:
+    """The retrieval an adapter was trained with: provenance ``retrieval`` (``{"k", "min_score"}``),
+    None when it was trained without references (it is then served without them)."""
+    file = adapter_path(version) / PROVENANCE_FILE
+    try:
+        stat = file.stat()
+    except FileNotFoundError:
+        return None
+    return _retrieval_record(str(file), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _retrieval_record(file: str, mtime_ns: int, size: int) -> dict | None:
+    # Read once per version of the file: provenance holds the whole dataset manifest, and this is
+    # asked on every question.
+    record = read_provenance(Path(file).parent).get("retrieval")
+    return dict(record) if isinstance(record, dict) and int(record.get("k") or 0) > 0 else None
 
 
 def pointer_file() -> Path:

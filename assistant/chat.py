@@ -45,6 +45,8 @@ class AnswerStats:
     first_token_s: float | None = None
     tokens_in: int = 0
     tokens_out: int = 0
+    sources: list = field(default_factory=list)
+    """The references (:class:`Reference`) the prompt held, best first."""
 
 
 @dataclass
@@ -91,6 +93,46 @@ def build_messages(system_prompt: str, history: list[tuple[str, str]], question:
     return messages
 
 
+class Reference(Protocol):
+    """An approved question/answer pair found for a question (``feedback.knowledge.Reference``)."""
+
+    id: int
+    question: str
+    answer: str
+    score: float
+
+
+class ReferenceSource(Protocol):
+    """Finds approved pairs for a question: the knowledge index, injected by the app and the CLI
+    (assistant imports nothing of feedback), or a list in tests."""
+
+    def references(self, question: str, k: int, min_score: float) -> list[Reference]:
+        """The ``k`` best pairs with similarity >= ``min_score``, best first."""
+        ...
+
+
+REFERENCES_INTRO = "Approved answers to similar questions. Use one only if it answers the customer's question:"
+
+
+def references_text(references: list[Reference]) -> str:
+    """The references as the model reads them: question/answer pairs under one line of instruction."""
+    pairs = "\n\n".join(f"Question: {r.question.strip()}\nAnswer: {r.answer.strip()}" for r in references)
+    return f"{REFERENCES_INTRO}\n\n{pairs}"
+
+
+def with_references(messages: list[dict], references: list[Reference]) -> list[dict]:
+    """``messages`` with the references appended to the system message (a copy; none: unchanged).
+
+    They go in the system turn, which a customer cannot write: the customer's text only ever selects
+    them (it is the search query), it never becomes one.
+    """
+    if not references:
+        return messages
+    if not messages or messages[0].get("role") != "system":
+        raise ValueError("references go in the system message, and these messages have none")
+    return [{**messages[0], "content": f"{messages[0]['content']}\n\n{references_text(references)}"}, *messages[1:]]
+
+
 def without_special_tokens(messages: list[dict], tokenizer) -> list[dict]:
     """The messages with the tokenizer's control-token strings removed from their contents.
 
@@ -114,9 +156,11 @@ def without_special_tokens(messages: list[dict], tokenizer) -> list[dict]:
 class ChatService:
     """Validates a question, fits the conversation into the context window and streams the answer."""
 
-    def __init__(self, cfg: ServeConfig, backend: Backend):
+    def __init__(self, cfg: ServeConfig, backend: Backend, references: ReferenceSource | None = None):
         self.cfg = cfg
         self.backend = backend
+        self.references = references
+        """Where approved pairs for the prompt come from; None answers without references."""
         # Answers in flight: `concurrency` being generated plus `max_queue` waiting for a slot.
         # Past that a customer is told at once to try again instead of waiting without end.
         self._admitted = threading.BoundedSemaphore(cfg.concurrency + cfg.max_queue)
@@ -139,23 +183,57 @@ class ChatService:
                 f"Your message is {len(question)} characters long; the limit is {self.cfg.max_input_chars}. "
                 "Please shorten it."
             )
-        history = list(history or [])[-self.cfg.max_history_turns :] if self.cfg.max_history_turns else []
-        budget = self.backend.context_window - self.cfg.max_new_tokens
-        messages = build_messages(self.cfg.system_prompt, history, question)
-        # Drop the oldest turns until the prompt fits; the question itself must fit on its own.
-        while self.backend.count_tokens(messages) > budget:
-            if not history:
-                raise ChatError("Your message is too long for the model's context. Please shorten it.")
-            history = history[1:]
-            messages = build_messages(self.cfg.system_prompt, history, question)
+        # A place first: a flood of refused questions costs no search and no tokenizing.
         if not self._admitted.acquire(blocking=False):
             raise BusyError(BUSY_MESSAGE)
         release = _Once(self._admitted.release)
-        stats = AnswerStats(adapter=None)
+        try:
+            messages, references = self._prompt(question, history)
+        except BaseException:
+            release()
+            raise
+        stats = AnswerStats(adapter=None, sources=list(references))
         stream = Stream(self._timed(messages, stats, release), stats)
         # A stream dropped without being read gives its place back too.
         weakref.finalize(stream, release)
         return stream
+
+    def _prompt(self, question: str, history: list[tuple[str, str]] | None) -> tuple[list[dict], list[Reference]]:
+        """The messages to answer from, and the references they hold."""
+        history = list(history or [])[-self.cfg.max_history_turns :] if self.cfg.max_history_turns else []
+        budget = self.backend.context_window - self.cfg.max_new_tokens
+        references = self._references(question)
+        messages = with_references(build_messages(self.cfg.system_prompt, history, question), references)
+        # Drop the oldest turns, then the weakest references, until the prompt fits: training prompts
+        # hold references and no earlier turns, so references are what the model learnt to use. The
+        # question itself must fit on its own.
+        while self.backend.count_tokens(messages) > budget:
+            if history:
+                history = history[1:]
+            elif references:
+                references = references[:-1]
+            else:
+                raise ChatError("Your message is too long for the model's context. Please shorten it.")
+            messages = with_references(build_messages(self.cfg.system_prompt, history, question), references)
+        return messages, references
+
+    def retrieval(self) -> tuple[int, float]:
+        """``(k, min_score)`` for the adapter serving now: the settings it was trained with, (0, 0)
+        (none) for an adapter trained without retrieval, the config's for the base model."""
+        version = adapters.current_version()
+        if version is None:
+            return self.cfg.retrieval_k, self.cfg.retrieval_min_score
+        try:
+            record = adapters.retrieval_settings(version)
+        except adapters.AdapterError:
+            return 0, 0.0  # a refused adapter is not served (the backend keeps the previous one); no guessing
+        return (int(record["k"]), float(record["min_score"])) if record else (0, 0.0)
+
+    def _references(self, question: str) -> list[Reference]:
+        if self.references is None:
+            return []
+        k, min_score = self.retrieval()
+        return list(self.references.references(question, k, min_score)) if k > 0 else []
 
     def _timed(self, messages: list[dict], stats: AnswerStats, release: Callable[[], None]) -> Iterator[str]:
         started = time.perf_counter()

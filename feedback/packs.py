@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlite_utils
@@ -30,6 +30,10 @@ class Pack:
     qa_file: Path
     persona: str
     general_file: Path
+    catalog_file: Path | None = None
+    """The products and their facts (``catalog.json``), indexed as passages by feedback.knowledge."""
+    bank: dict = field(default_factory=dict)
+    """Facts about the business itself (phone, hours, ...) from ``pack.json``."""
 
 
 def load_pack(name: str = DEFAULT_PACK) -> Pack:
@@ -44,6 +48,8 @@ def load_pack(name: str = DEFAULT_PACK) -> Pack:
         qa_file=folder / files["qa"],
         persona=(folder / files["persona"]).read_text(encoding="utf-8").strip(),
         general_file=folder / files["general"],
+        catalog_file=folder / files["catalog"] if "catalog" in files else None,
+        bank=dict(meta.get("bank", {})),
     )
 
 

@@ -264,6 +264,11 @@ def test_answers_past_the_slots_and_the_queue_are_told_at_once_to_try_again():
     assert ("".join(four), "".join(five)) == ("You asked: four", "You asked: five")
     with pytest.raises(ConfigError, match="max_queue"):
         ServeConfig(max_queue=-1)
+    tight = ChatService(ServeConfig(concurrency=1, max_queue=0), ScriptedBackend(context_window=200))
+    for _ in range(3):  # a refused prompt gives its place back at once
+        with pytest.raises(ChatError, match="too long"):
+            tight.answer("word " * 150)
+    assert "".join(tight.answer("six")) == "You asked: six"
 
 
 def test_history_is_trimmed_to_fit_the_context():

@@ -84,6 +84,14 @@ class TrainConfig:
     """NEFTune (Jain et al. 2023): noise of magnitude alpha / sqrt(tokens x width) on the input embeddings of domain batches (never replay rows), against learning the questions' exact wording; 0 = off, 5 is the paper's usual value. Off: it did not raise label F1 (docs/results.md)."""
     hints: int = 0
     """Topic hints: the k labels a question classifier (fitted on the labelled training questions, saved in the adapter) finds likeliest, in each prompt's system message in training, evaluation and service (assistant/hints.py); 0 = none. Off: it did not raise label F1 (docs/results.md)."""
+    retrieval_k: int = 0
+    """References per prompt: the k training pairs nearest each question (never itself or its paraphrase cluster) in its system message, as serving puts approved pairs there; recorded in the adapter, which is served with the same settings; 0 = none (served without references)."""
+    retrieval_min_score: float = 0.4
+    """Least cosine similarity of a reference's question to the prompt's question, in training and in service."""
+    retrieval_distractors: float = 0.2
+    """Share of training prompts whose references are k random unrelated pairs instead, so the model learns to ignore wrong ones (RAFT)."""
+    retrieval_missing: float = 0.1
+    """Share of training prompts with no references, so the model also answers without them."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding, more real tokens per second)."""
     seed: int = 1234
@@ -114,6 +122,11 @@ class TrainConfig:
         check(self.replay_loss in ("auto", "kl", "tokens"), f"replay_loss must be 'auto', 'kl' or 'tokens', not {self.replay_loss!r}")
         check(0.0 <= self.augment <= 10.0, "augment must be between 0 (none) and 10 noisy copies per training example")
         check(0 <= self.hints <= 20, "hints must be between 0 (none) and 20 labels per prompt")
+        check(0 <= self.retrieval_k <= 20, "retrieval_k must be between 0 (no references) and 20")
+        check(0.0 <= self.retrieval_min_score <= 1.0, "retrieval_min_score must be between 0 and 1")
+        check(0.0 <= self.retrieval_distractors and 0.0 <= self.retrieval_missing
+              and self.retrieval_distractors + self.retrieval_missing <= 1.0,
+              "retrieval_distractors and retrieval_missing are shares of prompts: each >= 0, together at most 1")
         check(0.0 <= self.neftune_alpha <= 100.0, "neftune_alpha must be between 0 (off) and 100")
         check(self.general_skip >= 0, "general_skip must be 0 or positive")
         check(self.max_perplexity_ratio == 0 or self.max_perplexity_ratio >= 1.0,

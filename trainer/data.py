@@ -11,13 +11,17 @@ line rather than deep inside training.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 from assistant import paths
-from assistant.chat import build_messages, without_special_tokens
+from assistant.chat import build_messages, with_references, without_special_tokens
 from assistant.hints import TopicHints, with_hint
-from feedback import datasets, packs
+from feedback import datasets, dedupe, packs
 from feedback.datasets import SPLITS, DatasetError, load_split  # noqa: F401  (the trainer's names for them)
 
 IGNORE = -100
@@ -61,14 +65,16 @@ def open_snapshot(dataset: str = "") -> Snapshot:
     return Snapshot(folder.name, folder.resolve(), manifest, paths.sha256_file(manifest_file))
 
 
-def encode_example(tokenizer, system_prompt: str, question: str, answer: str, hint: str = "") -> dict:
+def encode_example(tokenizer, system_prompt: str, question: str, answer: str, hint: str = "",
+                   references: list | tuple = ()) -> dict:
     """Token ids of one chat (the served prompt + the answer) with the loss on the answer only.
 
     Labels are ``IGNORE`` up to the assistant's content and after its end-of-turn token, so the
     model learns the answer and when to stop, never the persona, the topic hint or the question.
     """
     # Control-token strings are removed from the texts exactly as the server removes them from chats.
-    prompt_messages = with_hint(build_messages(system_prompt, [], question), hint)
+    # References, then the hint, in the system message: the order serving puts them in.
+    prompt_messages = with_hint(with_references(build_messages(system_prompt, [], question), list(references)), hint)
     messages = without_special_tokens(prompt_messages + [{"role": "assistant", "content": answer}], tokenizer)
     prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=False)
     full = tokenizer.apply_chat_template(messages, return_dict=False)
@@ -87,14 +93,64 @@ def encode_example(tokenizer, system_prompt: str, question: str, answer: str, hi
 
 
 def encode_rows(tokenizer, system_prompt: str, rows: list[dict], max_length: int,
-                hints: list[str] | None = None) -> tuple[list[dict], int]:
-    """Encoded examples of ``rows`` (with ``hints[i]`` in row i's system message) and how many
-    were skipped for exceeding ``max_length``."""
+                hints: list[str] | None = None, references: list[list] | None = None) -> tuple[list[dict], int]:
+    """Encoded examples of ``rows`` (with ``hints[i]`` and ``references[i]`` in row i's system
+    message) and how many were skipped for exceeding ``max_length``."""
     hints = hints or [""] * len(rows)
-    encoded = [encode_example(tokenizer, system_prompt, str(r["question"]).strip(), str(r["answer"]).strip(), hint)
-               for r, hint in zip(rows, hints, strict=True)]
+    references = references or [[] for _ in rows]
+    encoded = [encode_example(tokenizer, system_prompt, str(r["question"]).strip(), str(r["answer"]).strip(), hint, refs)
+               for r, hint, refs in zip(rows, hints, references, strict=True)]
     kept = [e for e in encoded if len(e["input_ids"]) <= max_length]
     return kept, len(encoded) - len(kept)
+
+
+class TrainingReference(NamedTuple):
+    """A reference in a training prompt: what :func:`assistant.chat.with_references` shows."""
+
+    question: str
+    answer: str
+    score: float
+    row: int
+    """Index of the pool row it came from."""
+
+
+def draw_references(pool: list[dict], pool_vectors: np.ndarray, queries: list[dict], query_vectors: np.ndarray,
+                    k: int, min_score: float, distractors: float = 0.0, missing: float = 0.0, seed: int = 0,
+                    cluster_threshold: float = dedupe.NEAR_DUPLICATE_THRESHOLD) -> list[list[TrainingReference]]:
+    """The references of each query row, drawn from ``pool`` the way serving draws them: the ``k``
+    nearest questions with cosine >= ``min_score``, best first.
+
+    Never the row itself, a noisy copy of it (same id) or a paraphrase from its own cluster
+    (connected components at ``cluster_threshold``, as curation's dedupe): shown those, the model
+    would learn to copy the answer it is being taught. As in RAFT, a ``missing`` share of rows gets
+    no references and a ``distractors`` share gets ``k`` rows of other clusters picked at random
+    (wrong references), so the model learns to answer without them and to ignore bad ones.
+    Vectors are unit rows (``dedupe.EmbeddingCache``); similarities go a block of rows at a time.
+    """
+    if k <= 0 or not queries:
+        return [[] for _ in queries]
+    rng = random.Random(seed)
+    clusters = dedupe.components(np.concatenate([pool_vectors, query_vectors]), cluster_threshold)
+    pool_clusters, query_clusters = clusters[: len(pool)], clusters[len(pool):]
+    pool_ids = np.asarray([str(r.get("id")) for r in pool], dtype=object)
+    out: list[list[TrainingReference]] = []
+    for start in range(0, len(queries), 512):
+        sims = query_vectors[start : start + 512] @ pool_vectors.T
+        for offset, row_sims in enumerate(sims):
+            i = start + offset
+            banned = (pool_clusters == query_clusters[i]) | (pool_ids == str(queries[i].get("id")))
+            allowed = np.nonzero(~banned)[0]
+            draw = rng.random()
+            if draw < missing or not len(allowed):
+                picked = []
+            elif draw < missing + distractors:
+                picked = sorted(rng.sample(allowed.tolist(), min(k, len(allowed))), key=lambda j: -row_sims[j])
+            else:
+                scores = np.where(banned, -np.inf, row_sims)
+                picked = [j for j in np.argsort(-scores, kind="stable")[:k].tolist() if scores[j] >= min_score]
+            out.append([TrainingReference(str(pool[j]["question"]).strip(), str(pool[j]["answer"]).strip(),
+                                          float(row_sims[j]), j) for j in picked])
+    return out
 
 
 def labels_of(rows: list[dict]) -> set[str]:

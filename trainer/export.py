@@ -74,6 +74,10 @@ def export(cfg: TrainConfig, info, snapshot: data.Snapshot, tokenizer, model, ou
                            "file": str(replay.cache_file(info, cfg.seed)) if result.replay_examples else None},
                 "system_prompt": cfg.system_prompt,
                 "topic_hints": {"k": hints.k, "labels": hints.classifier.classes} if hints else None,
+                # Served with exactly these settings; absent, the adapter is served without references.
+                "retrieval": {"k": cfg.retrieval_k, "min_score": cfg.retrieval_min_score,
+                              "distractors": cfg.retrieval_distractors, "missing": cfg.retrieval_missing}
+                if cfg.retrieval_k else None,
                 "chat_template": tokenizer.chat_template,
                 "libraries": {name: _version(name) for name in LIBRARIES} | {"python": platform.python_version()},
                 "device": "cuda" if next(model.parameters()).device.type == "cuda" else "cpu",

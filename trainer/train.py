@@ -106,13 +106,16 @@ def main(cfg: TrainConfig) -> TrainResult:
         # Before the base loads: the question classifier's embeddings are torch work of their own.
         hints, train_hints, val_hints = data.topic_hints(train_rows, val_rows, cfg.hints, cfg.seed)
 
+    train_refs, val_refs = _references(cfg, train_rows, val_rows)
+
     info = base_models.prepare(cfg.base_model)
     # Sampled (or read from the cache) before the training model loads, by a copy freed afterwards.
     replay_texts = replay.base_samples(info, round(cfg.replay * len(train_rows)), cfg.device, cfg.seed)
     tokenizer, model = load_for_training(info, cfg)
-    train_set, skipped_train = data.encode_rows(tokenizer, cfg.system_prompt, train_rows, cfg.max_length, train_hints)
+    train_set, skipped_train = data.encode_rows(tokenizer, cfg.system_prompt, train_rows, cfg.max_length, train_hints,
+                                                train_refs)
     replay_set = replay.encode_texts(tokenizer, replay_texts, cfg.max_length, distil=cfg.replay_loss == "kl")
-    val_set, skipped_val = data.encode_rows(tokenizer, cfg.system_prompt, val_rows, cfg.max_length, val_hints)
+    val_set, skipped_val = data.encode_rows(tokenizer, cfg.system_prompt, val_rows, cfg.max_length, val_hints, val_refs)
     _check_sizes(cfg, snapshot, len(train_set), len(val_set), after_max_length=True)
 
     # Validation stays domain-only: early stopping and the kept weights follow the domain loss.
@@ -142,6 +145,26 @@ def main(cfg: TrainConfig) -> TrainResult:
         folder = export(cfg, info, snapshot, tokenizer, model, outcome, result, hints)
         result.adapter, result.path = folder.name, str(folder)
     return result
+
+
+def _references(cfg: TrainConfig, train_rows: list[dict], val_rows: list[dict]):
+    """References of each training and validation prompt (None, None without retrieval): training
+    rows draw from the other training rows with RAFT's wrong and missing shares, validation rows
+    as serving would, so validation loss follows the served prompt."""
+    if not cfg.retrieval_k:
+        return None, None
+    from feedback import dedupe
+    from feedback.db import connect
+
+    # Before the base loads, like the hints; curation embedded these questions already (cache hits).
+    cache = dedupe.EmbeddingCache(connect(), persist=False)
+    train_vectors = cache.vectors([str(r["question"]) for r in train_rows])
+    val_vectors = cache.vectors([str(r["question"]) for r in val_rows])
+    train_refs = data.draw_references(train_rows, train_vectors, train_rows, train_vectors, cfg.retrieval_k,
+                                      cfg.retrieval_min_score, cfg.retrieval_distractors, cfg.retrieval_missing, cfg.seed)
+    val_refs = data.draw_references(train_rows, train_vectors, val_rows, val_vectors, cfg.retrieval_k,
+                                    cfg.retrieval_min_score)
+    return train_refs, val_refs
 
 
 def _check_sizes(cfg: TrainConfig, snapshot: data.Snapshot, n_train: int, n_val: int, after_max_length: bool = False) -> None:

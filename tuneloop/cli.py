@@ -16,7 +16,8 @@ from assistant import paths
 from assistant.config import ConfigError, ServeConfig, add_arguments, as_dict, from_args
 
 # Modules with ``add_commands(subparsers)`` (and optionally ``status_fields() -> dict``).
-COMMAND_MODULES: list[str] = ["feedback.cli", "trainer.cli", "feedback.data_cli", "evals.cli", "tuneloop.pipeline"]
+COMMAND_MODULES: list[str] = ["feedback.cli", "trainer.cli", "feedback.data_cli", "feedback.knowledge_cli", "evals.cli",
+                              "tuneloop.pipeline"]
 
 
 def cmd_serve(args) -> int:
@@ -24,11 +25,13 @@ def cmd_serve(args) -> int:
     import app
     from assistant.chat import ChatService, make_backend
     from feedback.db import ThreadLocalDB
+    from feedback.knowledge import KnowledgeIndex
 
     cfg = from_args(ServeConfig, "serve", args)
     backend = make_backend(cfg)
-    service = ChatService(cfg, backend)
-    demo = app.build_app(service, ThreadLocalDB(), backend.base.model_id, title=cfg.title)
+    db = ThreadLocalDB()
+    service = ChatService(cfg, backend, references=KnowledgeIndex(db.get))
+    demo = app.build_app(service, db, backend.base.model_id, title=cfg.title)
     print(f"tuneloop: serving {cfg.base_model} ({cfg.quantization}, {cfg.backend}) with adapter "
           f"{backend.active or 'none (base model)'} at http://{cfg.host}:{cfg.port}", flush=True)
     app.launch(demo, cfg.host, cfg.port, cfg.concurrency, block=True)
@@ -39,17 +42,19 @@ def cmd_ask(args) -> int:
     """Answer one question on the current adapter and log it as a turn."""
     from assistant.chat import ChatError, ChatService, make_backend
     from feedback import turns
-    from feedback.db import connect
+    from feedback.db import ThreadLocalDB
+    from feedback.knowledge import KnowledgeIndex
 
     cfg = from_args(ServeConfig, "serve", args)
     backend = make_backend(cfg)
-    service = ChatService(cfg, backend)
+    local = ThreadLocalDB()  # the index searches on a thread of its own, with its own connection
+    service = ChatService(cfg, backend, references=KnowledgeIndex(local.get))
     try:
         stream = service.answer(args.question)
     except ChatError as exc:
         print(f"tuneloop ask: {exc}", file=sys.stderr)
         return 2
-    db = connect()
+    db = local.get()
     turn_id = turns.start_turn(db, turns.new_session(db, "cli"), args.question.strip(), [], backend.base.model_id)
     for piece in stream:
         if not args.json:
@@ -65,6 +70,7 @@ def cmd_ask(args) -> int:
             "tokens_in": stats.tokens_in,
             "tokens_out": stats.tokens_out,
             "turn": turn_id,
+            "sources": [source.to_json() for source in stats.sources],
         }))
     else:
         print()
@@ -119,7 +125,7 @@ def cmd_model_prepare(args) -> int:
 def cmd_init(args) -> int:
     """Set up a home: prepare the model, import a domain pack, install its persona, curate the first dataset."""
     from assistant import model
-    from feedback import curate, packs
+    from feedback import curate, knowledge, packs
     from feedback.db import connect
 
     pack = packs.load_pack(args.pack)
@@ -129,6 +135,9 @@ def cmd_init(args) -> int:
     db = connect()
     imported = packs.import_pack(db, pack)
     dataset = curate.main(curate.CurateConfig(), db)
+    if pack.catalog_file is not None:
+        knowledge.add_catalog(db, pack.catalog_file, pack.bank)
+    knowledge.sync(db)
     payload = {
         "home": str(paths.home()),
         "pack": pack.name,
@@ -209,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ask", help=cmd_ask.__doc__, description=cmd_ask.__doc__)
     p.add_argument("question", help="the customer question")
-    p.add_argument("--json", action="store_true", help="print answer, adapter, latency_s, tokens_in, tokens_out as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print answer, adapter, latency_s, tokens_in, tokens_out and sources (the references used) as JSON")
     add_arguments(p, ServeConfig, skip=("host", "port", "concurrency"))
     p.set_defaults(handler=cmd_ask)
 

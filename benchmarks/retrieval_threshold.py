@@ -1,0 +1,96 @@
+"""Choose ``retrieval_min_score``: how often the right label is among the references a threshold lets
+through, against how often unrelated text gets any.
+
+For each question of a query set, its nearest questions in a training pool by MiniLM cosine (the
+knowledge index's search); per threshold: the share of queries with any reference, the label
+precision of the top reference, and the share whose right label is among the top ``k`` references
+at or above the threshold (what a model trained to pick the good reference can use). Unrelated
+text: the pack's general passages against the pack's pool.
+
+* pack: ``assistant/packs/peach_state_bank/qa.jsonl`` shuffled, 80% pool, 20% queries;
+* Banking77 (``../shared/data/banking77/train.csv``): 11 questions per intent as the pool, 10
+  others per intent as queries.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/retrieval_threshold.py [--k 3] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = Path(os.environ.get("TUNELOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
+PACK = REPO / "assistant" / "packs" / "peach_state_bank"
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def vectors(texts: list[str]) -> np.ndarray:
+    from assistant import embeddings
+    from feedback import dedupe
+
+    return embeddings.embed([dedupe.embedding_text(t) for t in texts])
+
+
+def table(name: str, pool: list[tuple[str, str]], queries: list[tuple[str, str]], k: int) -> np.ndarray:
+    pool_vectors = vectors([q for q, _ in pool])
+    sims = vectors([q for q, _ in queries]) @ pool_vectors.T
+    order = np.argsort(-sims, axis=1)[:, :k]
+    best = sims[np.arange(len(queries)), order[:, 0]]
+    top1_right = np.array([pool[order[i, 0]][1] == label for i, (_, label) in enumerate(queries)])
+    print(f"\n{name}: pool {len(pool)}, queries {len(queries)}")
+    print(f"| threshold | queries with a reference | top-1 label precision | right label in top {k} above it |")
+    print("| --- | --- | --- | --- |")
+    for threshold in THRESHOLDS:
+        has = best >= threshold
+        right = np.mean([any(pool[j][1] == label and sims[i, j] >= threshold for j in order[i])
+                         for i, (_, label) in enumerate(queries)])
+        precision = f"{top1_right[has].mean():.3f}" if has.any() else "-"
+        print(f"| {threshold:.2f} | {has.mean():.3f} | {precision} | {right:.3f} |")
+    return pool_vectors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, default=3, help="references per question (default 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+
+    rows = [json.loads(line) for line in (PACK / "qa.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    pairs = [(r["question"], r["label"]) for r in rows]
+    rng.shuffle(pairs)
+    cut = int(len(pairs) * 0.8)
+    pack_vectors = table("pack", pairs[:cut], pairs[cut:], args.k)
+
+    general = [line.strip() for line in (PACK / "general.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+    best = (vectors(general) @ pack_vectors.T).max(axis=1)
+    shares = ", ".join(f"{t:.2f}: {(best >= t).mean():.3f}" for t in THRESHOLDS)
+    print(f"\ngeneral passages ({len(general)}) with any pack reference at or above: {shares}")
+
+    file = SHARED / "banking77" / "train.csv"
+    if not file.exists():
+        print(f"\n{file} not found; Banking77 skipped")
+        return
+    by_intent: dict[str, list[str]] = {}
+    with open(file, encoding="utf-8", newline="") as handle:
+        for row in csv.DictReader(handle):
+            by_intent.setdefault(row["category"], []).append(row["text"])
+    pool, queries = [], []
+    for intent, questions in sorted(by_intent.items()):
+        rng.shuffle(questions)
+        pool += [(q, intent) for q in questions[:11]]
+        queries += [(q, intent) for q in questions[11:21]]
+    table("Banking77, 11 per intent", pool, queries, args.k)
+
+
+if __name__ == "__main__":
+    main()
