@@ -32,11 +32,14 @@ def cmd_eval(args) -> int:
         print(json.dumps(report.to_json(examples=False), indent=2))
     else:
         print(f"adapter {report.adapter or 'base'} on {report.dataset} (n={report.n})")
-        for key in ("f1", "label_f1", "answer_f1", "rouge_l", "bleu", "latency_s", "tokens_per_answer"):
+        for key in ("f1", "label_f1", "knn_label_f1", "unsupported_facts", "answer_f1", "rouge_l", "bleu", "latency_s",
+                    "tokens_per_answer", "prompt_tokens"):
             value = getattr(report, key)
             print(f"{key:>18}: {'-' if value is None else round(value, 4)}")
         low, high = report.f1_ci
         print(f"{'f1 95% CI':>18}: {low:.4f} - {high:.4f} (bootstrap over the {report.n} test examples)")
+        retrieval = report.retrieval
+        print(f"{'references':>18}: " + (f"{retrieval['k']} per prompt, similarity >= {retrieval['min_score']}" if retrieval else "none"))
         for role, base in report.baselines.items():
             print(f"{role + ' f1':>18}: {round(base.f1, 4)} (prompt tokens {base.prompt_tokens:.0f}, "
                   f"latency {base.latency_s:.3f} s)")
@@ -142,7 +145,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     # The served configuration to score, e.g. --backend llama_cpp; chat-page and web settings do not apply.
     add_arguments(p, ServeConfig, skip=EVAL_SKIPS_SERVE)
     p.add_argument("--baselines", action="store_true", help="also evaluate the base model and its few-shot prompt")
-    p.add_argument("--json", action="store_true", help="print f1, label_f1, answer_f1, rouge_l, bleu, n, adapter, per_label as JSON")
+    p.add_argument("--json", action="store_true", help="print f1, label_f1, knn_label_f1, unsupported_facts, retrieval, answer_f1, rouge_l, bleu, n, adapter, per_label as JSON")
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("adapters", help="list, promote or roll back adapters", description="List, promote or roll back adapters.")

@@ -2,13 +2,17 @@
 few-shot prompt of the base, scored by label F1, answer F1, ROUGE-L, BLEU, latency and length.
 
 Answers are generated the way the server generates them (the serve config's quantization, chat
-template, system prompt, the adapter's topic hints, ``max_new_tokens`` and ``repetition_penalty``),
-greedily, in left-padded batches. The 4-bit base is loaded once; adapters are attached to it with
+template, system prompt, the references serving would put in the prompt, the adapter's topic hints,
+``max_new_tokens`` and ``repetition_penalty``), greedily, in left-padded batches. References come
+from an :class:`EvalIndex` of the snapshot's train rows and the catalog, never from a test row. The 4-bit base is loaded once; adapters are attached to it with
 peft and switched, so evaluating base, current and candidate costs one model load.
 
 Label F1: an :class:`~evals.labeler.AnswerLabeler`, fitted on the snapshot's training answers and
 cached under ``$TUNELOOP_HOME/evals/labelers/``, predicts the product label of each generated answer;
 macro F1 against the test labels is the gate metric. Without labels the gate metric is answer F1.
+Beside it: ``knn_label_f1`` (the nearest training question's label, the baseline a model must beat)
+and ``unsupported_facts`` (the share of answers stating a figure, phone, address or URL that nothing
+in the prompt or the catalog states; :func:`evals.metrics.unsupported_facts`).
 
 Three :class:`Runner` implementations: :class:`ModelRunner` (the real model on transformers),
 :class:`LlamaCppRunner` (the real model on llama.cpp, when that backend serves) and
@@ -28,12 +32,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from assistant import adapters, paths
-from assistant.chat import build_messages, without_special_tokens
+from assistant.chat import build_messages, with_references, without_special_tokens
 from assistant.config import ServeConfig, check
 from evals import metrics
 from evals.labeler import AnswerLabeler
-from feedback import datasets
+from feedback import datasets, dedupe, knowledge
+from feedback.db import connect
 
 BASE = "base"
 CURRENT = "current"
@@ -230,7 +237,79 @@ class EvalSet:
     examples: list[dict]
     """Rows ``{"id", "question", "answer", "label"}``; ``label`` may be None."""
     train: list[dict]
-    """Training rows of the same snapshot (labeler fit and few-shot examples); may be empty."""
+    """Training rows of the same snapshot (labeler fit, few-shot examples, references); may be empty."""
+    catalog: list[dict] = field(default_factory=list)
+    """The home's catalog passages ``{"question", "answer", "label"}``: references as served, and facts answers may state."""
+    _index: EvalIndex | None = field(default=None, init=False, repr=False, compare=False)
+
+    def index(self) -> EvalIndex:
+        """The references index of this test set, built on first use and shared by every system evaluated on it."""
+        if self._index is None:
+            self._index = EvalIndex.build(self)
+        return self._index
+
+
+@dataclass
+class EvalIndex:
+    """What answers are grounded on at evaluation: the train rows and the catalog, never a test row.
+
+    Serving searches the live knowledge table, which staff change while an evaluation runs and which
+    holds corrections of test questions; evaluation searches a :class:`~feedback.knowledge.MemoryIndex`
+    of what serving would hold of this snapshot instead: its train rows (staff corrections and approvals
+    in train included, customer thumbs-ups no staff member approved left out, as
+    :func:`feedback.knowledge.sync` leaves them out) and the catalog passages. A train row with a test
+    row's id or question is left out too, so no test question finds itself (a ``--dataset`` file is
+    scored against the latest snapshot's train split, which may hold its questions).
+    """
+
+    index: knowledge.MemoryIndex
+    entry_ids: list
+    """Per entry: the train row's id, or ``"catalog"``."""
+    query_vectors: np.ndarray
+    """One unit row per test question."""
+    knn_labels: list[str] | None
+    """Per test question, the label of the nearest labelled train row; None without labels on both sides."""
+    catalog_facts: set
+    """Every fact (:func:`evals.metrics.facts_in`) of the catalog passages."""
+
+    @classmethod
+    def build(cls, test: EvalSet) -> EvalIndex:
+        test_ids = {str(row.get("id")) for row in test.examples}
+        test_questions = {dedupe.question_hash(row["question"]) for row in test.examples}
+        train = [row for row in test.train if row.get("source") != "thumbs_up"
+                 and str(row.get("id")) not in test_ids and dedupe.question_hash(row["question"]) not in test_questions]
+        entries = ([(row["question"], row["answer"], row.get("label"), "dataset") for row in train]
+                   + [(row["question"], row["answer"], row.get("label"), "catalog") for row in test.catalog])
+        catalog_facts = metrics.facts_in([row["answer"] for row in test.catalog])
+        if not entries:
+            # Nothing to find, so nothing to embed: the query vectors only give each question its (empty) list.
+            return cls(knowledge.MemoryIndex([], np.zeros((0, knowledge.DIMENSIONS))), [],
+                       np.zeros((len(test.examples), knowledge.DIMENSIONS), dtype=np.float32), None, catalog_facts)
+        # Cached by question as curation cached them; nothing is written from an evaluation.
+        cache = dedupe.EmbeddingCache(connect(), persist=False)
+        vectors = cache.vectors([entry[0] for entry in entries])
+        queries = cache.vectors([row["question"] for row in test.examples])
+        labelled = [i for i, row in enumerate(train) if row.get("label") not in (None, "")]
+        knn_labels = None
+        if labelled and all(row.get("label") is not None for row in test.examples):
+            _, nearest = dedupe.nearest(queries, vectors[labelled])
+            knn_labels = [str(train[labelled[j]]["label"]) for j in nearest]
+        return cls(knowledge.MemoryIndex(entries, vectors), [row.get("id") for row in train] + ["catalog"] * len(test.catalog),
+                   queries, knn_labels, catalog_facts)
+
+    def references(self, k: int, min_score: float) -> list[list[knowledge.Reference]]:
+        """Per test question, the ``k`` entries with similarity >= ``min_score``, best first."""
+        return self.index.search(self.query_vectors, k, min_score)
+
+
+def retrieval_settings(adapter: str | None, serve: ServeConfig) -> dict | None:
+    """``{"k", "min_score"}`` that serving uses for ``adapter`` (None = the base model), as
+    :meth:`assistant.chat.ChatService.retrieval` decides: the adapter's training settings, none for an
+    adapter trained without references, the serve config's for the base model; None means no references."""
+    if adapter is None:
+        return {"k": serve.retrieval_k, "min_score": serve.retrieval_min_score} if serve.retrieval_k else None
+    record = adapters.retrieval_settings(adapter)
+    return {"k": int(record["k"]), "min_score": float(record["min_score"])} if record else None
 
 
 def load_test_set(cfg: EvalConfig) -> EvalSet:
@@ -253,7 +332,9 @@ def load_test_set(cfg: EvalConfig) -> EvalSet:
         examples = examples[: cfg.limit]
     if not examples:
         raise datasets.DatasetError(f"{target}: no test examples to evaluate")
-    return EvalSet(name, examples, train)
+    catalog = [{key: row[key] for key in ("question", "answer", "label")}
+               for row in knowledge.entries(connect()) if row["source"] == "catalog"]
+    return EvalSet(name, examples, train, catalog)
 
 
 def _read_file(file: Path, cfg: EvalConfig) -> list[dict]:
@@ -359,8 +440,15 @@ class EvalReport:
     """The gate metric's value."""
     f1_ci: list[float] | None
     """95% bootstrap interval of ``f1`` over the test examples, ``[low, high]``; None in reports stored before it was."""
+    retrieval: dict | None = None
+    """References in each prompt, ``{"k", "min_score"}`` as served to this system; None: none (or a report stored before references)."""
+    knn_label_f1: float | None = None
+    """Macro F1 of the nearest training question's label: the baseline a model must beat; None without labels."""
+    unsupported_facts: float | None = None
+    """Share of answers stating a number, amount, percentage, phone, e-mail or URL found in none of the references, catalog, persona or question."""
     examples: list[dict] = field(default_factory=list)
-    """Per test example: ``id``, ``question``, ``reference``, ``label``, ``answer``, ``predicted_label``, ``answer_f1``."""
+    """Per test example: ``id``, ``question``, ``reference``, ``label``, ``answer``, ``predicted_label``, ``answer_f1``,
+    ``references`` (``[{"id", "score"}]``) and ``unsupported`` (the unsupported facts as written)."""
     baselines: dict[str, EvalReport] = field(default_factory=dict)
     """``tuneloop eval --baselines``: the base model's and its few-shot prompt's reports."""
 
@@ -378,7 +466,8 @@ class EvalReport:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EvalReport:
         """A stored report back (with or without its rows). Figures added since the first reports
-        (label precision and recall, ``f1_ci``) read as None in reports stored before them."""
+        (label precision and recall, ``f1_ci``, retrieval, ``knn_label_f1``, ``unsupported_facts``)
+        read as None in reports stored before them."""
         values = {"label_precision": None, "label_recall": None, "f1_ci": None} | data
         baselines = {role: cls.from_json(value) for role, value in values.pop("baselines", {}).items()}
         return cls(**values, baselines=baselines)
@@ -396,10 +485,16 @@ def evaluate(
 ) -> EvalReport:
     """Generate and score answers of ``adapter`` (None = base) on ``test``; returns the report.
 
-    The gate metric ``f1`` is label F1 when the test set has labels, else answer F1; ``perplexity``
-    is measured on ``general_texts`` when given.
+    Each prompt holds the references serving would give this system (:func:`retrieval_settings`),
+    found in the test set's :class:`EvalIndex`; a few-shot prompt holds its ``shots`` instead. The
+    gate metric ``f1`` is label F1 when the test set has labels, else answer F1; ``perplexity`` is
+    measured on ``general_texts`` when given.
     """
-    conversations = [build_messages(serve.system_prompt, list(shots or []), row["question"]) for row in test.examples]
+    index = test.index()
+    retrieval = None if shots else retrieval_settings(adapter, serve)
+    found = index.references(retrieval["k"], retrieval["min_score"]) if retrieval else [[] for _ in test.examples]
+    conversations = [with_references(build_messages(serve.system_prompt, list(shots or []), row["question"]), refs)
+                     for row, refs in zip(test.examples, found)]
     generations = runner.generate(conversations, adapter, batch_size)
     answers = [g.text for g in generations]
     references = [row["answer"] for row in test.examples]
@@ -408,6 +503,11 @@ def evaluate(
     predicted = labeler.predict(answers) if labeler else [None] * len(answers)
     scores = metrics.label_scores(truth, predicted) if labeler else None
     answer_f1 = sum(per_example_f1) / len(per_example_f1)
+    # What the answer could have taken its facts from: the prompt (persona, references, shots, the
+    # question) and the catalog.
+    unsupported = [metrics.unsupported_facts(answer, index.catalog_facts | metrics.facts_in([m["content"] for m in messages]))
+                   for answer, messages in zip(answers, conversations)]
+    knn_f1 = metrics.macro_f1(truth, index.knn_labels) if index.knn_labels else None
     # How far the gate metric could move on another draw of as many questions (on the pack's 115
     # test questions the interval of label F1 is about 0.14 wide), so one figure is read with its noise.
     if labeler:
@@ -434,10 +534,15 @@ def evaluate(
         metric="label_f1" if labeler else "answer_f1",
         f1=scores["f1"] if scores else answer_f1,
         f1_ci=[interval["ci_low"], interval["ci_high"]],
+        retrieval=retrieval,
+        knn_label_f1=knn_f1,
+        unsupported_facts=sum(bool(facts) for facts in unsupported) / len(unsupported),
         examples=[
             {"id": row.get("id"), "question": row["question"], "reference": row["answer"], "label": row.get("label"),
-             "answer": answer, "predicted_label": label, "answer_f1": score}
-            for row, answer, label, score in zip(test.examples, answers, predicted, per_example_f1)
+             "answer": answer, "predicted_label": label, "answer_f1": score,
+             "references": [{"id": index.entry_ids[r.id], "score": round(r.score, 4)} for r in refs],
+             "unsupported": [fact.text for fact in facts]}
+            for row, answer, label, score, refs, facts in zip(test.examples, answers, predicted, per_example_f1, found, unsupported)
         ],
     )
 

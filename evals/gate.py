@@ -1,6 +1,6 @@
 """The promotion gate: a candidate adapter replaces the one in service only when it measurably wins.
 
-Three checks, all required, each written down as a reason whether it passes or fails:
+Four checks, all required, each written down as a reason whether it passes or fails:
 
 1. **Gain**: candidate F1 >= incumbent F1 + ``min_delta`` (the incumbent is the current adapter, or
    the base model before the first promotion).
@@ -11,6 +11,9 @@ Three checks, all required, each written down as a reason whether it passes or f
    what it forgot is measured against the base: an incumbent that happened to lower perplexity
    would otherwise raise the bar for the next candidate (the case that showed it is in
    docs/results.md).
+4. **No invented facts**: the share of answers stating a figure, phone, address or URL that nothing
+   in their prompt or the catalog states (``unsupported_facts``) rises by at most
+   ``max_unsupported_rise`` over the incumbent's.
 
 Every decision is stored in ``gate_decisions`` with its reasons and metrics, rejections included.
 """
@@ -49,6 +52,8 @@ class GateConfig:
     """File of general (non-domain) text, one passage per line; empty = the shipped pack's general.txt."""
     general_limit: int = 40
     """Passages of the general text used for perplexity (the first N)."""
+    max_unsupported_rise: float = 0.02
+    """Largest allowed rise of the share of answers with facts found in no reference, catalog, persona or question, candidate minus incumbent."""
 
     def __post_init__(self) -> None:
         check(-1.0 <= self.min_delta <= 1.0, "min_delta must be between -1 and 1 (F1 is in [0, 1])")
@@ -56,6 +61,7 @@ class GateConfig:
         check(self.max_perplexity_ratio >= 1.0, "max_perplexity_ratio must be at least 1.0 (1.25 allows a 25% rise)")
         check(10 <= self.bootstrap_samples <= 100_000, "bootstrap_samples must be between 10 and 100000")
         check(1 <= self.general_limit <= 10_000, "general_limit must be between 1 and 10000")
+        check(0.0 <= self.max_unsupported_rise <= 1.0, "max_unsupported_rise must be between 0 and 1 (a share of answers)")
 
 
 @dataclass
@@ -66,7 +72,7 @@ class Decision:
     reasons: list[str]
     """One line per check, passed or failed, in the order checked."""
     metrics: dict = field(default_factory=dict)
-    """F1s, delta, bootstrap p and interval, perplexities and their ratio."""
+    """F1s, delta, bootstrap p and interval, perplexities and their ratio, unsupported-fact shares and their rise."""
 
 
 def general_file(cfg: GateConfig) -> Path:
@@ -103,6 +109,8 @@ def decide_promotion(candidate: EvalReport, incumbent: EvalReport, cfg: GateConf
         raise ValueError(f"the reports use different gate metrics ({candidate.metric} vs {incumbent.metric})")
     if candidate.perplexity is None or base.perplexity is None:
         raise ValueError("the forgetting check needs perplexity on general text for both candidate and base model")
+    if candidate.unsupported_facts is None or incumbent.unsupported_facts is None:
+        raise ValueError("the grounding check needs unsupported_facts of both candidate and incumbent; evaluate them again")
     if base.adapter is not None:
         raise ValueError(f"base must be the base model's report, not adapter {base.adapter}'s")
     who = incumbent.adapter or "the base model"
@@ -128,6 +136,8 @@ def decide_promotion(candidate: EvalReport, incumbent: EvalReport, cfg: GateConf
     gain_ok = delta >= cfg.min_delta - 1e-12  # equal-to-the-threshold gains pass despite float rounding
     noise_ok = boot["p_not_better"] <= cfg.max_p_not_better
     forget_ok = ratio <= cfg.max_perplexity_ratio
+    rise = candidate.unsupported_facts - incumbent.unsupported_facts
+    grounded_ok = rise <= cfg.max_unsupported_rise + 1e-12  # a rise equal to the threshold passes despite float rounding
     reasons = [
         f"{'PASS' if gain_ok else 'FAIL'} gain: {metric} {candidate.f1:.3f} vs {incumbent.f1:.3f} ({who}), "
         f"delta {delta:+.3f} {'>=' if gain_ok else '<'} min_delta {cfg.min_delta:.3f}",
@@ -136,9 +146,12 @@ def decide_promotion(candidate: EvalReport, incumbent: EvalReport, cfg: GateConf
         f"{cfg.max_p_not_better:.3f}, 95% CI of delta [{boot['ci_low']:+.3f}, {boot['ci_high']:+.3f}]",
         f"{'PASS' if forget_ok else 'FAIL'} no forgetting: general-text perplexity {candidate.perplexity:.2f} vs "
         f"{base.perplexity:.2f} (the base model), ratio {ratio:.3f} {'<=' if forget_ok else '>'} {cfg.max_perplexity_ratio:.3f}",
+        f"{'PASS' if grounded_ok else 'FAIL'} no invented facts: unsupported_facts {candidate.unsupported_facts:.3f} vs "
+        f"{incumbent.unsupported_facts:.3f} ({who}), rise {rise:+.3f} {'<=' if grounded_ok else '>'} "
+        f"max_unsupported_rise {cfg.max_unsupported_rise:.3f}",
     ]
     return Decision(
-        promote=gain_ok and noise_ok and forget_ok,
+        promote=gain_ok and noise_ok and forget_ok and grounded_ok,
         reasons=reasons,
         metrics={
             "metric": metric,
@@ -152,6 +165,10 @@ def decide_promotion(candidate: EvalReport, incumbent: EvalReport, cfg: GateConf
             "base_perplexity": base.perplexity,
             "incumbent_perplexity": incumbent.perplexity,
             "perplexity_ratio": ratio,
+            "candidate_unsupported_facts": candidate.unsupported_facts,
+            "incumbent_unsupported_facts": incumbent.unsupported_facts,
+            "unsupported_rise": rise,
+            "candidate_knn_label_f1": candidate.knn_label_f1,
             "n": candidate.n,
         },
     )

@@ -226,3 +226,132 @@ def _check_aligned(first: Sequence[Any], second: Sequence[Any]) -> None:
         raise ValueError(f"got {len(first)} predictions but {len(second)} references; they must align")
     if len(first) == 0:
         raise ValueError("nothing to score: the lists are empty")
+
+
+# --- facts an answer states -----------------------------------------------------------------------
+
+FACT_KINDS = ("email", "url", "phone", "percent", "amount", "number")
+
+_NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
+_SCALE = r"k|K|thousand|grand|m|M|mm|million|bn|billion"
+_SCALES = {"k": 1e3, "thousand": 1e3, "grand": 1e3, "m": 1e6, "mm": 1e6, "million": 1e6, "bn": 1e9, "billion": 1e9}
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+# A scheme or www., or a bare host ending in a top-level domain of letters ("peachstatebank.example").
+# Bare hosts only with a common top-level domain: "account.Please" (a missing space) is no URL.
+_URL = re.compile(r"(?:https?://|www\.)[^\s<>\"')\]]+|\b[a-z0-9][a-z0-9-]*(?:\.[a-z0-9-]+)*"
+                  r"\.(?:com|org|net|gov|edu|io|co|us|info|biz|bank|example)\b(?:/[^\s<>\"')\]]*)?", re.IGNORECASE)
+_PHONE = re.compile(r"(?<![\w-])(?:\+?1[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?![\w-])"
+                    r"|(?<![\w-])\d{3}-\d{4}(?![\w-])")
+_PERCENT = re.compile(rf"(?<![\w.])({_NUM})\s?(?:%|percent\b|per cent\b)", re.IGNORECASE)
+_AMOUNT = re.compile(
+    rf"(?:\$|\bUSD\s?)\s?({_NUM})(?:\s?({_SCALE})\b)?"
+    rf"|(?<![\w.])({_NUM})\s?({_SCALE})?\s?(?:dollars?|USD|bucks)\b"
+    rf"|(?<![\w.])({_NUM})\s?(k|K|grand)\b"
+)
+_NUMBER = re.compile(rf"(?<![\w.])({_NUM})(?:\s?(thousand|million|billion)\b)?", re.IGNORECASE)
+_LIST_MARKER = re.compile(r"^(\s*)\d+[.)](?=\s)", re.MULTILINE)  # "1. Open the app": a list, not a fact
+_WORD_NUMBERS = {
+    word: value for value, word in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+        "seventeen eighteen nineteen twenty".split())
+} | {"thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "ninety": 90, "hundred": 100}
+_WORD_NUMBER = re.compile(r"\b(" + "|".join(_WORD_NUMBERS) + r")\b", re.IGNORECASE)
+
+
+class Fact(collections.namedtuple("Fact", "kind value text")):
+    """A checkable fact in a text: ``kind`` (one of :data:`FACT_KINDS`), ``value`` normalised
+    ("$1,000.00" and "1000 dollars" are both ``amount 1000``) and ``text`` as written. Two facts are
+    the same fact when kind and value agree, whatever the text."""
+
+    __slots__ = ()
+
+    def __eq__(self, other):
+        return isinstance(other, Fact) and (self.kind, self.value) == (other.kind, other.value)
+
+    def __hash__(self):
+        return hash((self.kind, self.value))
+
+
+def _number(text: str, scale: str | None = None) -> str:
+    value = float(text.replace(",", "")) * _SCALES.get((scale or "").lower(), 1.0)
+    return f"{value:.10g}"
+
+
+def extract_facts(text: str) -> list[Fact]:
+    """The numbers, amounts, percentages, phone numbers, e-mail addresses and URLs of ``text``, in
+    the order found (each span counted once: the digits of a phone or an amount are not also a number)."""
+    found: list[tuple[int, Fact]] = []
+    # Each span found is blanked, so its digits are not found again by the patterns after it.
+    chars = list(_LIST_MARKER.sub(lambda m: " " * len(m.group(0)), text))
+
+    def take(match: re.Match, fact: Fact) -> None:
+        found.append((match.start(), fact))
+        chars[match.start() : match.end()] = " " * (match.end() - match.start())
+
+    def scan(pattern: re.Pattern, make) -> None:
+        for match in pattern.finditer("".join(chars)):
+            fact = make(match)
+            if fact is not None:
+                take(match, fact)
+
+    scan(_EMAIL, lambda m: Fact("email", m.group(0).lower().rstrip("."), m.group(0)))
+    scan(_URL, _url_fact)
+    scan(_PHONE, lambda m: Fact("phone", _phone_digits(m.group(0)), m.group(0)))
+    scan(_PERCENT, lambda m: Fact("percent", _number(m.group(1)), m.group(0)))
+    scan(_AMOUNT, _amount_fact)
+    scan(_NUMBER, lambda m: Fact("number", _number(m.group(1), m.group(2)), m.group(0)))
+    return [fact for _, fact in sorted(found, key=lambda item: item[0])]
+
+
+def _url_fact(match: re.Match) -> Fact | None:
+    raw = match.group(0).rstrip(".,;:!?")
+    host = re.sub(r"^(?:https?://)?(?:www\.)?", "", raw, flags=re.IGNORECASE)
+    name, _, path = host.partition("/")
+    if not re.search(r"[a-z]", name.split(".")[0], re.IGNORECASE):
+        return None  # "3.5x" or a version number, not a host
+    return Fact("url", (name.lower() + ("/" + path.rstrip("/") if path.rstrip("/") else "")), raw)
+
+
+def _phone_digits(text: str) -> str:
+    digits = re.sub(r"\D", "", text)
+    return digits[1:] if len(digits) == 11 and digits.startswith("1") else digits
+
+
+def _amount_fact(match: re.Match) -> Fact:
+    if match.group(1) is not None:
+        return Fact("amount", _number(match.group(1), match.group(2)), match.group(0))
+    if match.group(3) is not None:
+        return Fact("amount", _number(match.group(3), match.group(4)), match.group(0))
+    return Fact("amount", _number(match.group(5), match.group(6)), match.group(0))
+
+
+def facts_in(texts: Sequence[str]) -> set[Fact]:
+    """Every fact of ``texts`` (what an answer may state), plus the numbers written as words
+    ("three business days" supports "3 business days")."""
+    support: set[Fact] = set()
+    for text in texts:
+        support.update(extract_facts(text))
+        support.update(Fact("number", f"{_WORD_NUMBERS[w.lower()]}", w) for w in _WORD_NUMBER.findall(text))
+    return support
+
+
+def unsupported_facts(answer: str, support: set[Fact]) -> list[Fact]:
+    """The facts of ``answer`` found nowhere in ``support`` (:func:`facts_in` of the prompt and the catalog).
+
+    A bare number is supported by the same value of any kind ("25" by "$25"); an amount, a
+    percentage, an address or a URL only by the same kind and value; a phone number also by a
+    longer one that ends with it ("555-0142" by "1-800-555-0142").
+    """
+    values = {fact.value for fact in support if fact.kind in ("amount", "percent", "number")}
+    phones = [fact.value for fact in support if fact.kind == "phone"]
+    missing = []
+    for fact in extract_facts(answer):
+        if fact.kind == "number":
+            ok = fact.value in values
+        elif fact.kind == "phone":
+            ok = any(phone.endswith(fact.value) for phone in phones)
+        else:
+            ok = fact in support
+        if not ok:
+            missing.append(fact)
+    return missing

@@ -1,6 +1,7 @@
 """``tuneloop report``: one HTML page with PNG plots under ``$TUNELOOP_HOME/reports/``.
 
-It shows F1 across adapter versions (candidate, adapter in service, base and few-shot baselines per
+It shows F1 (beside the nearest-training-question baseline and the share of answers with unsupported
+facts) across adapter versions (candidate, adapter in service, base and few-shot baselines per
 retrain run), training and validation loss curves, the most-confused labels of the latest
 candidate, the answers it fixed and broke against the adapter it was compared with, the latest gate
 decision, and the share of answers staff marked accurate and helpful per adapter.
@@ -91,6 +92,9 @@ def plot_f1_history(runs: list[dict], file: Path) -> Path:
         points = [(i, run[role].f1) for i, run in enumerate(runs) if run.get(role)]
         if points:
             axes.plot([p[0] for p in points], [p[1] for p in points], "o-", label=role.replace("_", "-"))
+    knn = [(i, run["candidate"].knn_label_f1) for i, run in enumerate(runs) if run["candidate"].knn_label_f1 is not None]
+    if knn:  # the baseline every system must beat: the nearest training question's label
+        axes.plot([p[0] for p in knn], [p[1] for p in knn], "k:", label="1-NN baseline")
     axes.set_xticks(range(len(names)), names, fontsize=6, rotation=20)
     axes.set_ylabel("gate F1")
     axes.set_ylim(0, 1)
@@ -169,6 +173,11 @@ def _interval(bounds: list[float] | None) -> str | None:
     return None if not bounds else f"{bounds[0]:.3f}-{bounds[1]:.3f}"
 
 
+def _retrieval(settings: dict | None) -> str:
+    """The references a system's prompts held: ``k=3 >= 0.40``, or none."""
+    return "none" if not settings else f"k={settings['k']} >= {settings['min_score']:.2f}"
+
+
 def _fmt(value) -> str:
     if value is None:
         return "-"
@@ -178,8 +187,8 @@ def _fmt(value) -> str:
 def _html(latest: dict, decision: review.StoredDecision | None, fixed: list[dict], broken: list[dict], shares: list[dict],
           plots: list[str]) -> str:
     systems = [
-        [role, r.adapter or "base", r.n, r.f1, _interval(r.f1_ci), r.label_f1, r.answer_f1, r.rouge_l, r.bleu,
-         r.latency_s, r.tokens_per_answer, r.prompt_tokens, r.perplexity]
+        [role, r.adapter or "base", r.n, r.f1, _interval(r.f1_ci), r.knn_label_f1, r.unsupported_facts, _retrieval(r.retrieval),
+         r.label_f1, r.answer_f1, r.rouge_l, r.bleu, r.latency_s, r.tokens_per_answer, r.prompt_tokens, r.perplexity]
         for role in ROLES if (r := latest.get(role))
     ]
     examples = lambda rows: _table(["question", "label", "reference", "before", "after"],  # noqa: E731
@@ -199,7 +208,7 @@ def _html(latest: dict, decision: review.StoredDecision | None, fixed: list[dict
                      + "".join(f"<li>{html.escape(r)}</li>" for r in decision.reasons) + "</ul>")
     parts += [
         "<h2>Latest evaluation: candidate and baselines</h2>",
-        _table(["role", "adapter", "n", "F1 (gate)", "F1 95% CI", "label F1", "answer F1", "ROUGE-L", "BLEU", "latency s/answer",
+        _table(["role", "adapter", "n", "F1 (gate)", "F1 95% CI", "1-NN label F1", "unsupported facts", "references", "label F1", "answer F1", "ROUGE-L", "BLEU", "latency s/answer",
                 "tokens/answer", "prompt tokens", "general ppl"], systems),
         "".join(f"<p><img src='{html.escape(p)}' alt='{html.escape(p)}'></p>" for p in plots),
         f"<h2>Answers the candidate fixed ({len(fixed)} shown)</h2>", examples(fixed),

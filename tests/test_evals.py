@@ -3,12 +3,14 @@ and the blind side-by-side review."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from assistant import adapters, paths
+from assistant.chat import REFERENCES_INTRO
 from assistant.config import ServeConfig
 from evals import evaluate, report, review, schema
 from feedback import review as staff_review
@@ -76,6 +78,10 @@ def test_eval_json_keys_on_the_tiny_model(tiny_model_dir, capsys):
     low, high = payload["f1_ci"]
     assert 0.0 <= low <= payload["f1"] <= high <= 1.0
     assert payload["baselines"]["few_shot"]["prompt_tokens"] > payload["baselines"]["base"]["prompt_tokens"]
+    # The base model is scored with the serve config's references, from the snapshot's train split.
+    assert payload["retrieval"] == {"k": ServeConfig.retrieval_k, "min_score": ServeConfig.retrieval_min_score}
+    assert payload["baselines"]["few_shot"]["retrieval"] is None
+    assert 0.0 <= payload["knn_label_f1"] <= 1.0 and 0.0 <= payload["unsupported_facts"] <= 1.0
     # The labeler was fitted once and cached under the home.
     assert list((paths.home() / "evals" / "labelers").glob("*/labeler.json"))
     assert schema.connect()["eval_reports"].count == 1
@@ -149,14 +155,17 @@ def test_report_json_keeps_its_keys_and_reads_back():
     assert list(cand.to_json()) == [
         "adapter", "dataset", "n", "answer_f1", "rouge_l", "bleu", "latency_s", "tokens_per_answer", "prompt_tokens",
         "few_shot_k", "label_f1", "label_precision", "label_recall", "per_label", "confusions", "perplexity", "metric",
-        "f1", "f1_ci", "examples"]
+        "f1", "f1_ci", "retrieval", "knn_label_f1", "unsupported_facts", "examples"]
     assert evaluate.EvalReport.from_json(json.loads(json.dumps(cand.to_json()))) == cand
     cand.baselines = {"base": base}
     printed = cand.to_json(examples=False)
     assert "examples" not in printed and "examples" not in printed["baselines"]["base"]
     assert evaluate.EvalReport.from_json(printed).baselines["base"].f1 == base.f1
-    older = {k: v for k, v in base.to_json().items() if k not in ("f1_ci", "label_precision", "label_recall")}
-    assert evaluate.EvalReport.from_json(older).f1_ci is None  # stored before intervals were
+    older = {k: v for k, v in base.to_json().items()
+             if k not in ("f1_ci", "label_precision", "label_recall", "retrieval", "knn_label_f1", "unsupported_facts")}
+    old = evaluate.EvalReport.from_json(older)
+    assert old.f1_ci is None  # stored before intervals were
+    assert old.retrieval is None and old.knn_label_f1 is None and old.unsupported_facts is None  # and before references
 
 
 def test_blind_review_pairs_marks_and_shares(tuneloop_home):
@@ -224,3 +233,139 @@ def test_report_writes_html_and_pngs(tuneloop_home):
     assert cand.f1 == 1.0 and cand.f1_ci == [1.0, 1.0]
     assert base.f1_ci[0] < base.f1 < base.f1_ci[1]
     assert "F1 95% CI" in page and "1.000-1.000" in page
+
+
+# --- references, the 1-NN baseline and unsupported facts ------------------------------------------
+
+PERSONA = "You are the assistant of Example Bank."
+TRAIN = [
+    {"id": "examples:1", "question": "How much is a domestic wire transfer?", "answer": "A domestic wire costs $25.", "label": "wires", "source": "pack"},
+    {"id": "examples:2", "question": "How do I open a checking account?", "answer": "Open Easy Checking online in 10 minutes.", "label": "checking", "source": "pack"},
+    {"id": "examples:3", "question": "What is the current mortgage rate?", "answer": "30-year fixed from 6.25% APR.", "label": "mortgage", "source": "pack"},
+    {"id": "examples:4", "question": "I lost my debit card, what do I do?", "answer": "Call 1-800-555-0142 at any hour to lock it.", "label": "cards", "source": "pack"},
+    {"id": "corrections:9", "question": "What is the fee for sending a wire abroad?", "answer": "An international wire costs $45.", "label": "wires", "source": "correction"},
+    {"id": "examples:5", "question": "What does an international wire transfer cost?", "answer": "It is free, trust me.", "label": "wires", "source": "thumbs_up"},
+    # The same question as a test row, under another id (a --dataset file against the latest snapshot).
+    {"id": "examples:6", "question": "What does a domestic wire transfer cost?", "answer": "Wires cost $25.", "label": "wires", "source": "pack"},
+]
+TEST = [
+    {"id": "examples:20", "question": "What does a domestic wire transfer cost?", "answer": "A domestic wire costs $25.", "label": "wires"},
+    {"id": "examples:21", "question": "How can I open a new checking account?", "answer": "Open Easy Checking online.", "label": "checking"},
+    {"id": "examples:22", "question": "My debit card is lost", "answer": "Call us to lock it.", "label": "cards"},
+    # Worded like a checking question but labelled savings: the 1-NN gets it wrong.
+    {"id": "examples:23", "question": "How do I open a checking account today?", "answer": "Peach Savings opens online.", "label": "savings"},
+]
+CATALOG = [{"question": "Peach Savings rate", "answer": "Peach Savings rate: 2.75% APY", "label": "savings"}]
+
+
+class RecordingRunner:
+    """A scripted runner that keeps the prompts it was given."""
+
+    def __init__(self, answer):
+        self.scripted = evaluate.ScriptedRunner(answer)
+        self.prompts: dict[str | None, list[list[dict]]] = {}
+
+    def generate(self, conversations, adapter, batch_size):
+        self.prompts[adapter] = conversations
+        return self.scripted.generate(conversations, adapter, batch_size)
+
+    def perplexity(self, texts, adapter):
+        return self.scripted.perplexity(texts, adapter)
+
+
+def toy_set() -> evaluate.EvalSet:
+    return evaluate.EvalSet("d0001", [dict(row) for row in TEST], [dict(row) for row in TRAIN], [dict(row) for row in CATALOG])
+
+
+def trained_adapter(version: str, retrieval: dict | None) -> None:
+    folder = adapters.adapter_path(version)
+    folder.mkdir(parents=True)
+    (folder / adapters.WEIGHTS_FILE).write_bytes(b"x")
+    (folder / adapters.PROVENANCE_FILE).write_text(json.dumps({"retrieval": retrieval}), encoding="utf-8")
+
+
+def test_a_test_question_never_finds_itself_or_a_test_row():
+    runner = RecordingRunner(lambda adapter, q: "Happy to help.")
+    serve = ServeConfig(system_prompt=PERSONA, retrieval_k=20, retrieval_min_score=0.0)
+    test = toy_set()
+    grounded = evaluate.evaluate(runner, test, None, serve, None)
+    allowed = {"examples:1", "examples:2", "examples:3", "examples:4", "corrections:9", "catalog"}
+    for row, prompt in zip(grounded.examples, runner.prompts[None]):
+        found = [ref["id"] for ref in row["references"]]
+        # Everything the index holds (k=20, no threshold) and nothing else: train rows, the staff
+        # correction in train and the catalog; never a test row, an unapproved thumbs-up or the question itself.
+        assert sorted(found) == sorted(allowed)
+        system = prompt[0]["content"]
+        assert system.startswith(PERSONA) and REFERENCES_INTRO in system
+        assert all(test_row["question"] not in system for test_row in TEST)
+        assert "trust me" not in system and "Wires cost $25." not in system
+        assert prompt[-1] == {"role": "user", "content": row["question"]}
+    assert grounded.retrieval == {"k": 20, "min_score": 0.0}
+    bare = evaluate.evaluate(runner, test, None, dataclasses.replace(serve, retrieval_k=0), None)
+    assert bare.retrieval is None and all(row["references"] == [] for row in bare.examples)
+    assert runner.prompts[None][0][0]["content"] == PERSONA
+    assert grounded.prompt_tokens > bare.prompt_tokens  # references are counted in the prompt
+
+
+def test_each_system_is_evaluated_with_the_references_serving_gives_it():
+    from assistant.chat import ChatService, ScriptedBackend
+    from feedback import knowledge
+
+    trained_adapter("with", {"k": 2, "min_score": 0.5, "distractors": 0.2, "missing": 0.1})
+    trained_adapter("without", None)
+    runner = RecordingRunner(lambda adapter, q: "Happy to help.")
+    serve = ServeConfig(system_prompt=PERSONA, retrieval_k=3, retrieval_min_score=0.3)
+    test = toy_set()
+    reports = {version: evaluate.evaluate(runner, test, version, serve, None) for version in (None, "with", "without")}
+    assert reports[None].retrieval == {"k": 3, "min_score": 0.3}
+    assert reports["with"].retrieval == {"k": 2, "min_score": 0.5}
+    assert reports["without"].retrieval is None
+    assert all(prompt[0]["content"] == PERSONA for prompt in runner.prompts["without"])
+    for row in reports["with"].examples:
+        assert len(row["references"]) <= 2 and all(ref["score"] >= 0.5 for ref in row["references"])
+    assert any(row["references"] for row in reports["with"].examples)
+    # The same prompts as the server builds for the adapter in service, from the same entries.
+    index = test.index()
+    for version in (None, "with", "without"):
+        adapters.set_current(version, "test")
+        backend = ScriptedBackend()
+        service = ChatService(serve, backend, references=index.index)
+        for row, prompt in zip(TEST, runner.prompts[version]):
+            "".join(service.answer(row["question"]))
+            assert backend.calls[-1] == prompt, version
+    assert isinstance(index.index, knowledge.MemoryIndex)
+
+
+def test_knn_label_f1_is_the_nearest_training_questions_label():
+    runner = evaluate.ScriptedRunner(lambda adapter, q: "Happy to help.")
+    report = evaluate.evaluate(runner, toy_set(), None, ServeConfig(system_prompt=PERSONA), None)
+    # Predicted wires, checking, cards, checking for wires, checking, cards, savings: F1 per true
+    # label 1, 2/3, 1, 0 (the thumbs-up, the catalog and the test question's twin in train never vote).
+    assert toy_set().index().knn_labels == ["wires", "checking", "cards", "checking"]
+    assert report.knn_label_f1 == pytest.approx((1 + 2 / 3 + 1 + 0) / 4)
+    unlabelled = evaluate.EvalSet("f", [dict(TEST[0], label=None)], [dict(row) for row in TRAIN])
+    assert evaluate.evaluate(runner, unlabelled, None, ServeConfig(system_prompt=PERSONA), None).knn_label_f1 is None
+
+
+def test_unsupported_facts_flag_an_invented_fee_and_not_one_in_a_reference():
+    answers = {"with": "A domestic wire costs $25.", "invents": "A domestic wire costs $39, call 1-800-555-0199."}
+
+    def answer(adapter, question):
+        if "wire" in question:
+            return answers[adapter]
+        return "Peach Savings pays 2.75% APY." if "checking" in question else "Happy to help."
+
+    trained_adapter("with", {"k": 3, "min_score": 0.3})
+    trained_adapter("invents", {"k": 3, "min_score": 0.3})
+    runner = evaluate.ScriptedRunner(answer)
+    serve = ServeConfig(system_prompt=PERSONA)
+    grounded = evaluate.evaluate(runner, toy_set(), "with", serve, None)
+    invented = evaluate.evaluate(runner, toy_set(), "invents", serve, None)
+    assert [row["unsupported"] for row in grounded.examples] == [[], [], [], []]  # $25 in a reference, 2.75% in the catalog
+    assert invented.examples[0]["unsupported"] == ["$39", "1-800-555-0199"]
+    assert grounded.unsupported_facts == 0.0 and invented.unsupported_facts == pytest.approx(0.25)
+    # Without references the same true fee is stated from nowhere the model was shown.
+    trained_adapter("blind", None)
+    answers["blind"] = answers["with"]
+    blind = evaluate.evaluate(runner, toy_set(), "blind", serve, None)
+    assert blind.examples[0]["unsupported"] == ["$25"] and blind.unsupported_facts == pytest.approx(0.25)

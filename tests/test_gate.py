@@ -184,3 +184,34 @@ def test_rollback_restores_the_previous_pointer(tuneloop_home, capsys):
     assert adapters.current_version() is None  # back to the base model
     assert cli.main(["adapters", "rollback"]) == 2  # nothing older: refused, pointer unchanged
     assert adapters.current_version() is None
+
+
+def test_a_rise_of_invented_facts_is_refused_and_the_reason_kept(tuneloop_home):
+    def answers(invented: dict):
+        # "cand" always right; the first share of its answers (and of the incumbent's) quote a fee from nowhere.
+        def answer(adapter, question):
+            i = int(question.split()[-1])
+            fee = " The fee is $39." if i < invented.get(adapter, 0.0) * N else ""
+            return f"{LABELS[i % 4] if adapter == 'cand' or i < 40 else LABELS[(i + 1) % 4]} answer number {i}.{fee}"
+        return answer
+
+    def decide_with(invented: dict, **overrides):
+        runner = evaluate.ScriptedRunner(answers(invented), {None: 10.0, "cur": 10.0, "cand": 10.0})
+        found = {a: evaluate.evaluate(runner, make_test_set(), a, ServeConfig(), FirstWordLabeler(), general_texts=["x"])
+                 for a in (None, "cur", "cand")}
+        return gate.decide_promotion(found["cand"], found["cur"], gate.GateConfig(**overrides), base=found[None])
+
+    refused = decide_with({"cur": 0.05, "cand": 0.10})
+    assert not refused.promote
+    assert [reason.split(":")[0] for reason in refused.reasons] == [
+        "PASS gain", "PASS not noise", "PASS no forgetting", "FAIL no invented facts"]
+    assert "unsupported_facts 0.100 vs 0.050 (cur), rise +0.050 > max_unsupported_rise 0.020" in refused.reasons[3]
+    assert refused.metrics["unsupported_rise"] == pytest.approx(0.05)
+    db = schema.connect()
+    gate.record_decision(db, refused, "cand", "cur", gate.GateConfig())
+    assert json.loads(next(db["gate_decisions"].rows)["reasons"])[3] == refused.reasons[3]
+    # Within the allowance (one answer in 80), or allowed more, it passes.
+    assert decide_with({"cur": 0.05, "cand": 0.0625}).promote
+    assert decide_with({"cur": 0.05, "cand": 0.10}, max_unsupported_rise=0.05).promote
+    with pytest.raises(ValueError, match="max_unsupported_rise must be between 0 and 1"):
+        gate.GateConfig(max_unsupported_rise=-0.1)

@@ -261,3 +261,39 @@ def test_labeler_recovers_bitext_intent_from_reference_answers(shared_data):
     scores = label_scores([r["intent"] for r in test], labeler.predict([r["response"] for r in test]))
     assert len(scores["per_label"]) == 27
     assert scores["f1"] >= 0.95, scores["confusions"]
+
+
+def test_facts_are_found_and_normalised():
+    from evals.metrics import extract_facts
+
+    def facts(text):
+        return [(fact.kind, fact.value) for fact in extract_facts(text)]
+
+    assert facts("$25") == facts("25 dollars") == facts("USD 25") == [("amount", "25")]
+    assert facts("$1,000.00") == facts("$1000") == facts("1k dollars") == [("amount", "1000")]
+    assert facts("$10k or 10 grand") == [("amount", "10000"), ("amount", "10000")]
+    assert facts("from 6.25% APR, or 6.25 percent") == [("percent", "6.25"), ("percent", "6.25")]
+    assert facts("Call 1-800-555-0142 or (800) 555-0142.") == [("phone", "8005550142"), ("phone", "8005550142")]
+    assert facts("Write help@Peach.example or see https://www.PeachStateBank.example/wires/.") == [
+        ("email", "help@peach.example"), ("url", "peachstatebank.example/wires")]
+    assert facts("peachstatebank.example") == [("url", "peachstatebank.example")]
+    # A list's numbering, a missing space after a full stop and "e.g." are no facts; plain numbers are.
+    assert facts("1. Open the app.Then tap Send, e.g. within 3 business days") == [("number", "3")]
+    assert facts("Worth 300 thousand") == [("number", "300000")]
+
+
+def test_unsupported_facts_need_a_source_of_the_same_kind():
+    from evals.metrics import facts_in, unsupported_facts
+
+    support = facts_in(["A domestic wire costs 25 dollars.", "Call 1-800-555-0142.", "Savings: 2.75% APY",
+                        "Cards arrive in seven business days."])
+
+    def unsupported(answer):
+        return [fact.text for fact in unsupported_facts(answer, support)]
+
+    assert unsupported("A wire is $25.00, call 555-0142 or 1 (800) 555-0142.") == []
+    assert unsupported("The fee is $39; call 1-888-555-0142 or mail fees@peach.example") == [
+        "$39", "1-888-555-0142", "fees@peach.example"]
+    assert unsupported("It takes 7 days and 25 minutes") == []  # a bare number matches any kind; words count
+    assert unsupported("It pays 25%") == ["25%"]  # an amount does not support a percentage
+    assert unsupported("No fees at all.") == []

@@ -189,7 +189,9 @@ def train_candidate(train: TrainConfig, timeout_s: float) -> str:
 
 def evaluate(db, run_id: int, cfg: RetrainConfig, gate: gating.GateConfig, serve: ServeConfig, snapshot: Path,
              candidate: str, incumbent: str | None) -> dict[str, evaluation.EvalReport]:
-    """Reports of base, current (when one serves), candidate and few-shot base on the test split."""
+    """Reports of base, current (when one serves), candidate and few-shot base on the test split, each
+    with the references serving gives it, found among the snapshot's train rows and the catalog
+    (one index for all, :class:`evals.evaluate.EvalIndex`; the few-shot prompt holds its shots instead)."""
     test = evaluation.load_test_set(evaluation.EvalConfig(dataset=str(snapshot), limit=cfg.limit))
     labeler = evaluation.labeler_for(test)
     texts = gating.general_texts(gate)
