@@ -153,6 +153,16 @@ def without_special_tokens(messages: list[dict], tokenizer) -> list[dict]:
     return cleaned
 
 
+def retrieval_for(version: str | None, cfg: ServeConfig) -> tuple[int, float]:
+    """``(k, min_score)`` of the references ``version`` (None = the base model) is given: the
+    settings the adapter was trained with, (0, 0.0) for one trained without references, the serve
+    config's for the base model. Serving and evaluation both decide with this."""
+    if version is None:
+        return cfg.retrieval_k, cfg.retrieval_min_score
+    record = adapters.retrieval_settings(version)
+    return (int(record["k"]), float(record["min_score"])) if record else (0, 0.0)
+
+
 class ChatService:
     """Validates a question, fits the conversation into the context window and streams the answer."""
 
@@ -218,16 +228,11 @@ class ChatService:
         return messages, references
 
     def retrieval(self) -> tuple[int, float]:
-        """``(k, min_score)`` for the adapter serving now: the settings it was trained with, (0, 0)
-        (none) for an adapter trained without retrieval, the config's for the base model."""
-        version = adapters.current_version()
-        if version is None:
-            return self.cfg.retrieval_k, self.cfg.retrieval_min_score
+        """``(k, min_score)`` for the adapter the pointer names (see :func:`retrieval_for`)."""
         try:
-            record = adapters.retrieval_settings(version)
+            return retrieval_for(adapters.current_version(), self.cfg)
         except adapters.AdapterError:
             return 0, 0.0  # a refused adapter is not served (the backend keeps the previous one); no guessing
-        return (int(record["k"]), float(record["min_score"])) if record else (0, 0.0)
 
     def _references(self, question: str) -> list[Reference]:
         if self.references is None:

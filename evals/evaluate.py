@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from assistant import adapters, paths
-from assistant.chat import build_messages, with_references, without_special_tokens
+from assistant.chat import build_messages, retrieval_for, with_references, without_special_tokens
 from assistant.config import ServeConfig, check
 from evals import metrics
 from evals.labeler import AnswerLabeler
@@ -303,13 +303,10 @@ class EvalIndex:
 
 
 def retrieval_settings(adapter: str | None, serve: ServeConfig) -> dict | None:
-    """``{"k", "min_score"}`` that serving uses for ``adapter`` (None = the base model), as
-    :meth:`assistant.chat.ChatService.retrieval` decides: the adapter's training settings, none for an
-    adapter trained without references, the serve config's for the base model; None means no references."""
-    if adapter is None:
-        return {"k": serve.retrieval_k, "min_score": serve.retrieval_min_score} if serve.retrieval_k else None
-    record = adapters.retrieval_settings(adapter)
-    return {"k": int(record["k"]), "min_score": float(record["min_score"])} if record else None
+    """``{"k", "min_score"}`` that serving uses for ``adapter`` (None = the base model), decided by
+    :func:`assistant.chat.retrieval_for`; None means no references."""
+    k, min_score = retrieval_for(adapter, serve)
+    return {"k": k, "min_score": min_score} if k else None
 
 
 def load_test_set(cfg: EvalConfig) -> EvalSet:
