@@ -18,7 +18,9 @@ from feedback.db import connect
 from feedback.examples import ImportConfig, import_rows
 from test_data import QUESTIONS, rows_for  # tests/ is on sys.path (pytest rootdir import mode)
 
-CFG = dict(min_train_examples=1, warn_train_examples=1)
+# Silver (unapproved thumbs-ups) on, as most of these tests exercise it; off is the default, see
+# test_by_default_an_unapproved_thumbs_up_never_trains.
+CFG = dict(min_train_examples=1, warn_train_examples=1, include_thumbs_up=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -86,6 +88,18 @@ def test_thumbs_down_alone_never_trains_and_thumbs_up_is_optional(db):
     assert result.dropped["thumbs_down"] == 1
     with pytest.raises(curate.CurateError, match="only 0 training examples"):
         run(include_thumbs_up=False)
+
+
+def test_by_default_an_unapproved_thumbs_up_never_trains(db):
+    # Anyone can vote (issue 25): with the defaults a thumbs-up trains only once staff approve it.
+    assert curate.CurateConfig().include_thumbs_up is False
+    up = turn(db, "What are your branch hours?", "Monday to Friday, 9 am to 5 pm.")
+    vote(db, up, 1)
+    approved = turn(db, "Do you have a mobile app?", "Yes, for iOS and Android.")
+    vote(db, approved, 1)
+    staff(db, "approval", "Do you have a mobile app?", "Yes, for iOS and Android.", turn_id=approved)
+    rows = train_rows(curate.main(curate.CurateConfig(min_train_examples=1, warn_train_examples=1)))
+    assert [(r["question"], r["source"]) for r in rows] == [("Do you have a mobile app?", "approval")]
 
 
 def test_flagged_votes_are_ignored(db):

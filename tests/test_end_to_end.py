@@ -13,6 +13,7 @@ import csv
 import json
 import random
 
+import httpx
 import pytest
 from gradio_client import Client
 
@@ -100,18 +101,24 @@ def test_the_loop_end_to_end(tuneloop_home, tmp_path, capsys):
     demo = app.build_app(ChatService(cfg, backend), ThreadLocalDB(), backend.base.model_id)
     _, url, _ = app.launch(demo, "127.0.0.1", free_port(), cfg.concurrency, block=False)
     try:
-        customer = Client(url, verbose=False, download_files=False)
-        staff = Client(url, verbose=False, download_files=False)
-        assert staff.predict(*STAFF, api_name="/staff_signin") == STAFF[0]
+        # Staff sign in by the form (never a Gradio event); the session cookie goes with every call.
+        signed_in = httpx.post(url.rstrip("/") + app.STAFF_LOGIN_PATH, data=dict(zip(("name", "password"), STAFF)),
+                               timeout=60)
+        assert signed_in.status_code == 303, signed_in.text
+        staff = Client(url, verbose=False, download_files=False,
+                       headers={"Cookie": f"{app.STAFF_COOKIE}={signed_in.cookies[app.STAFF_COOKIE]}"})
 
-        def ask(question: str) -> tuple[int, str]:
+        def ask(question: str) -> tuple[int, str, str, Client]:
+            # A new conversation per question: the server keeps each session's history and adds it to
+            # the prompt, so before/after answers compare the adapters, not different histories.
+            customer = Client(url, verbose=False, download_files=False)
             _history, _box, turn = customer.predict(question, api_name="/chat")
             row = connect().execute("select answer, adapter from turns where id = ?", [int(turn)]).fetchone()
-            return int(turn), row[0], row[1]
+            return int(turn), row[0], row[1], customer
 
         before = {}
         for label, question in NEW_QUESTIONS.items():
-            turn, answer, adapter = ask(question)
+            turn, answer, adapter, customer = ask(question)
             assert adapter == first["candidate"]
             before[question] = answer
             customer.predict(turn, "down", "not what I asked", api_name="/vote")
@@ -122,7 +129,7 @@ def test_the_loop_end_to_end(tuneloop_home, tmp_path, capsys):
         assert second["promoted"], second["reasons"]
         changed = 0
         for question in NEW_QUESTIONS.values():
-            _turn, answer, adapter = ask(question)
+            _turn, answer, adapter, _customer = ask(question)
             assert adapter == second["candidate"]
             changed += answer != before[question]
         assert changed >= 1, "the served answers did not change after the corrections were learned"

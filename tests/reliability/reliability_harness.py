@@ -528,7 +528,7 @@ def entry_points() -> dict:
         "label": lambda db, s, t, text: store.record_correction(db, STAFF_NAME, t, "ok", text),
         "example": lambda db, s, t, text: store.add_example(db, STAFF_NAME, text, "an answer"),
         "staff_name": lambda db, s, t, text: auth.sign_in(db, text, STAFF_PASSWORD),
-        # A fresh name each time: the same checks as a real one, without tripping the lockout.
+        # A fresh name each time: the same checks as a real one, without waiting out a backoff.
         "staff_password": lambda db, s, t, text: auth.sign_in(db, f"staff-{time.monotonic_ns()}", text),
         "import_row": lambda db, s, t, text: examples.import_rows(db, [{"question": text, "answer": "a"}]),
     }

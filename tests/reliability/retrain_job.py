@@ -35,7 +35,9 @@ def curate_loop(seconds: float, examples: int, tiny_model: str) -> dict:
     db = connect()
     pack = [json.loads(line) for line in PACK_QA.read_text(encoding="utf-8").splitlines() if line.strip()]
     imported = imports.import_rows(db, pack[:examples], source="pack").imported
-    cfg = curate.CurateConfig(min_train_examples=4, warn_train_examples=4)
+    # Silver on (off by default since issue 25): customers' thumbs-ups are what makes each curation
+    # read and write while they vote, so the load tests see new snapshots mid-load.
+    cfg = curate.CurateConfig(min_train_examples=4, warn_train_examples=4, include_thumbs_up=True)
     first = curate.main(cfg, db)
     print("ready", first.version, flush=True)
     summary = {"imported": imported, "curations": 1, "snapshots": [first.version], "adapter": None, "errors": []}

@@ -1,5 +1,6 @@
 """Access: customers stay inside their own session and out of the staff view, staff actions need a
-sign-in, passwords are stored only as hashes, sign-in is rate-limited, no file route of the app
+sign-in (a form at /staff/login and an HttpOnly session cookie), passwords are stored only as
+argon2id hashes, failed sign-ins back off without locking anyone out, no file route of the app
 leaks a file, the server listens on 127.0.0.1 without a share link, and the installed Gradio
 carries the fixes of its published path-traversal and SSRF advisories. A handful of hostile
 inputs also go through the live API here (the store functions get the rest in
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 import urllib.parse
 
 import gradio
@@ -19,11 +21,14 @@ from packaging.version import Version
 import app
 from assistant import paths
 from assistant.config import ServeConfig
+from feedback import auth
 from reliability_harness import BAD_TEXTS, STAFF_NAME, STAFF_PASSWORD, SURROGATE_TEXTS, UNCLEAR, raw_get
 
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 
-CUSTOMER_APIS = {"/chat", "/vote", "/staff_signin", "/staff_signout"}
+# Staff sign in by the form at app.STAFF_LOGIN_PATH, never through a Gradio event; /staff_signout
+# refuses a caller without a staff session like every other staff endpoint.
+CUSTOMER_APIS = {"/chat", "/vote"}
 # Published Gradio advisories on file routes (path traversal, arbitrary file read) and SSRF, with the
 # first fixed release, from the GitHub advisory entries and the issue threads that cite them. The open
 # redirect / client-side SSRF through /gradio_api/file=<URL> (gradio#13593, #13608; no fixed
@@ -57,6 +62,18 @@ def _dummy_args(parameters: list[dict]) -> list:
     return [values.get(p.get("python_type", {}).get("type"), "x") for p in parameters]
 
 
+def _sign_in(served, name: str = STAFF_NAME, password: str = STAFF_PASSWORD, address: str | None = None):
+    """POST the staff sign-in form (no redirect followed); ``address`` as a proxy passes it on."""
+    headers = {"X-Forwarded-For": address} if address else None
+    return httpx.post(served.url + app.STAFF_LOGIN_PATH, data={"name": name, "password": password},
+                      headers=headers, timeout=30)
+
+
+def _staff(served):
+    """A gradio_client carrying the session cookie of a signed-in STAFF_NAME."""
+    return served.staff_client(STAFF_NAME, STAFF_PASSWORD)
+
+
 def _ask(customer, question: str) -> int:
     _history, _box, turn_id = customer.predict(question, api_name="/chat")
     return int(turn_id)
@@ -69,6 +86,7 @@ def test_every_staff_endpoint_refuses_a_customer(served):
     customer = served.client()
     _ask(customer, "my own question")
     endpoints = customer.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert "/staff_signin" not in endpoints  # no Gradio event takes a password
     staff = set(endpoints) - CUSTOMER_APIS
     assert {f"/{name}" for name in app.API_NAMES} - CUSTOMER_APIS <= staff  # every documented staff action
     for api_name in sorted(staff):
@@ -79,8 +97,7 @@ def test_every_staff_endpoint_refuses_a_customer(served):
 
 
 def test_a_sign_in_belongs_to_one_session_only(served):
-    staff, customer = served.client(), served.client()
-    assert staff.predict(STAFF_NAME, STAFF_PASSWORD, api_name="/staff_signin") == STAFF_NAME
+    staff, customer = _staff(served), served.client()
     assert isinstance(staff.predict(api_name="/review_queue"), dict)
     with pytest.raises(Exception, match="Staff only"):
         customer.predict(api_name="/review_queue")
@@ -113,12 +130,11 @@ def test_customers_cannot_vote_on_or_read_other_sessions(served):
 
 
 def test_passwords_are_stored_only_as_hashes(served):
-    customer = served.client()
-    assert customer.predict(STAFF_NAME, STAFF_PASSWORD, api_name="/staff_signin") == STAFF_NAME
-    with pytest.raises(Exception, match="Wrong staff name or password"):
-        customer.predict("bob", STAFF_PASSWORD, api_name="/staff_signin")
+    assert _sign_in(served).status_code == 303
+    refused = _sign_in(served, "bob", STAFF_PASSWORD)
+    assert refused.status_code == 401 and "Wrong staff name or password" in refused.text
     (stored,) = served.rows("SELECT password_hash FROM staff_users WHERE name = ?", [STAFF_NAME])[0]
-    assert stored.startswith("scrypt$n=")
+    assert stored.startswith("$argon2id$") and STAFF_PASSWORD not in stored
     db_file = paths.feedback_db()
     with sqlite3.connect(db_file) as conn:
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -128,16 +144,23 @@ def test_passwords_are_stored_only_as_hashes(served):
             assert STAFF_PASSWORD.encode("utf-8") not in raw and STAFF_PASSWORD.encode("utf-16-le") not in raw, file
 
 
-def test_sign_in_is_rate_limited_per_name(served):
-    attacker = served.client()
-    for attempt in range(5):
-        with pytest.raises(Exception, match="Wrong staff name or password"):
-            attacker.predict(STAFF_NAME, f"guess {attempt}", api_name="/staff_signin")
-    # Locked now, even with the right password; another name is not.
-    with pytest.raises(Exception, match="Too many failed sign-ins"):
-        attacker.predict(STAFF_NAME, STAFF_PASSWORD, api_name="/staff_signin")
-    with pytest.raises(Exception, match="Wrong staff name or password"):
-        attacker.predict("bob", "guess", api_name="/staff_signin")
+def test_failed_sign_ins_back_off_per_name_and_address_without_locking_the_name_out(served):
+    attacker = "203.0.113.5"
+    limits = auth.SigninLimits()
+    for attempt in range(limits.backoff_after_failures):
+        refused = _sign_in(served, STAFF_NAME, f"guess {attempt}", attacker)
+        assert refused.status_code == 401 and "Wrong staff name or password" in refused.text
+    # Backing off now, even with the right password: refused at once, before any hash is computed.
+    waiting = _sign_in(served, STAFF_NAME, STAFF_PASSWORD, attacker)
+    assert waiting.status_code == 429 and "try again" in waiting.text and app.STAFF_COOKIE not in waiting.cookies
+    assert served.rows("SELECT count(*) FROM signin_attempts WHERE address = ?", [attacker]) == [(limits.backoff_after_failures,)]
+    # Another name from the same address is not held back, and the staff member is never locked out:
+    # from her own address she signs in at once.
+    assert _sign_in(served, "bob", "guess", attacker).status_code == 401
+    assert _sign_in(served, STAFF_NAME, STAFF_PASSWORD, "198.51.100.20").status_code == 303
+    # A backoff, not a lockout: once it has passed, the right password works from that address too.
+    time.sleep(2.0 ** 0 + 0.2)  # the first backoff step (SigninLimits: 1, 2, 4 ... seconds)
+    assert _sign_in(served, STAFF_NAME, STAFF_PASSWORD, attacker).status_code == 303
 
 
 # --- files and network ---------------------------------------------------------------------------
@@ -210,8 +233,7 @@ def test_installed_gradio_carries_every_known_file_route_and_ssrf_fix():
 
 
 def test_hostile_text_through_the_api_is_refused_clearly_or_stored_and_shown_escaped(served):
-    customer, staff = served.client(), served.client()
-    staff.predict(STAFF_NAME, STAFF_PASSWORD, api_name="/staff_signin")
+    customer, staff = served.client(), _staff(served)
     handled = 0
     for name, text in BAD_TEXTS.items():
         try:
@@ -238,12 +260,11 @@ def test_hostile_text_through_the_api_is_refused_clearly_or_stored_and_shown_esc
         assert b"window.pwned" not in raw_get(port, path)[1], path
 
 
-@pytest.mark.parametrize("api_name", ["chat", "vote", "staff_signin"])
+@pytest.mark.parametrize("api_name", ["chat", "vote"])
 def test_lone_surrogates_through_the_api_get_a_clear_refusal(api_name, served):
     """A lone surrogate can only travel as a JSON ``\\udc80`` escape (gradio_client cannot even
     encode it), so the request is sent raw through Gradio's call API and its event stream read."""
-    data = {"chat": [SURROGATE_TEXTS["lone_low"], []], "vote": [1, "down", SURROGATE_TEXTS["lone_high"]],
-            "staff_signin": [SURROGATE_TEXTS["lone_low"], "password"]}[api_name]
+    data = {"chat": [SURROGATE_TEXTS["lone_low"]], "vote": [1, "down", SURROGATE_TEXTS["lone_high"]]}[api_name]
     body = json.dumps({"data": data})  # ensure_ascii (the default) writes the surrogate as an escape
     assert "\\ud" in body
     base = served.url.rstrip("/")
@@ -265,3 +286,21 @@ def test_out_of_range_answer_numbers_are_refused_clearly(turn, tuneloop_home):
     db = connect()
     with pytest.raises(store.FeedbackError):
         store.log_vote(db, turns.new_session(db), turn, "up")
+
+
+@pytest.mark.parametrize("field", ["name", "password"])
+@pytest.mark.parametrize("encoded", [b"%ED%B2%80", b"caf%E9", b"abc\xed\xa0\x80def"], ids=["surrogate", "latin1", "raw"])
+def test_undecodable_text_through_the_sign_in_form_gets_a_clear_refusal(field, encoded, served):
+    """The sign-in form is a plain POST (not a Gradio event): a lone surrogate (UTF-8 encoded, as a
+    lenient client sends it) or other bytes that are not UTF-8, escaped or raw, are refused with a
+    message written for a person, and the server keeps serving."""
+    fields = {"name": STAFF_NAME.encode(), "password": urllib.parse.quote(STAFF_PASSWORD).encode()}
+    fields[field] = encoded
+    body = b"&".join(key.encode() + b"=" + value for key, value in fields.items())
+    refused = httpx.post(served.url + app.STAFF_LOGIN_PATH, content=body, timeout=30,
+                         headers={"content-type": "application/x-www-form-urlencoded"})
+    assert refused.status_code == 401, (refused.status_code, refused.text[:300])
+    assert "Wrong staff name or password" in refused.text
+    assert not any(word in refused.text for word in UNCLEAR)
+    assert served.rows("SELECT count(*) FROM staff_sessions") == [(0,)]
+    assert _sign_in(served).status_code == 303  # still serving, and the real password still works

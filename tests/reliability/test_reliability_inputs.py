@@ -162,7 +162,7 @@ def test_new_staff_user_is_refused_clearly_or_stored_hashed(name, password, worl
         return
     assert stored_name == name.strip()
     (hashed,) = _one(db, "SELECT password_hash FROM staff_users WHERE name = ?", [stored_name])
-    assert hashed.startswith("scrypt$") and password not in hashed
+    assert hashed.startswith("$argon2id$") and password not in hashed
     assert auth.sign_in(db, stored_name, password) == stored_name
 
 

@@ -1,7 +1,7 @@
 """Poisoning: a burst of votes from one session is rate-limited and marked through the live API,
 and curation never treats a customer's vote as gold: only staff corrections, approvals and
-hand-written examples are gold; thumbs-up answers are silver, and flagged or thumbs-down votes
-give no training text at all.
+hand-written examples are gold; thumbs-up answers train only when silver is switched on (off by
+default, issue 25) and then as silver, and flagged or thumbs-down votes give no training text at all.
 
 What a harmful round of staff corrections does to the served model is the nightly job's concern:
 its gate must reject such a candidate (the harmful-correction round test of the retrain pipeline,
@@ -31,7 +31,7 @@ def served(tuneloop_home):
 
 def test_a_vote_burst_is_rate_limited_marked_and_kept_out_of_training(served):
     burst = store.VOTE_BURST_LIMIT + 5
-    attacker, honest, staff = served.client(), served.client(), served.client()
+    attacker, honest = served.client(), served.client()
     turn_ids = [int(attacker.predict(f"poison question {i}", api_name="/chat")[2]) for i in range(burst)]
     notes = [attacker.predict(turn, "up", "", api_name="/vote") for turn in turn_ids]
     assert all("Thanks" in note for note in notes[: store.VOTE_BURST_LIMIT])
@@ -44,7 +44,7 @@ def test_a_vote_burst_is_rate_limited_marked_and_kept_out_of_training(served):
     assert "Thanks" in honest.predict(liked, "up", "", api_name="/vote")
     disliked = int(honest.predict("a question answered badly", api_name="/chat")[2])
     honest.predict(disliked, "down", "this is wrong", api_name="/vote")
-    staff.predict(STAFF_NAME, STAFF_PASSWORD, api_name="/staff_signin")
+    staff = served.staff_client(STAFF_NAME, STAFF_PASSWORD)  # the sign-in form's session cookie
     staff.predict(disliked, "The staff answer.", "", api_name="/correct")
 
     db = connect()
@@ -52,6 +52,11 @@ def test_a_vote_burst_is_rate_limited_marked_and_kept_out_of_training(served):
     exported = {row["turn_id"] for row in store.export_rows(db)}
     assert exported.isdisjoint(turn_ids[store.VOTE_BURST_LIMIT :])
 
+    # By default (issue 25) no customer vote trains at all: only the staff answer does.
+    assert [(c.source, c.question) for c in curate.gather(db, curate.CurateConfig().include_thumbs_up)[1]] == [
+        ("correction", "a question answered badly")]
+
+    # With silver switched on, customer votes are silver at best and flagged ones give no row.
     _held_out, training, _superseded = curate.gather(db, include_thumbs_up=True)
     by_turn = {c.id: c for c in training}
     # Customer votes are silver at best; the only gold row is the staff correction.
