@@ -16,6 +16,7 @@ sees them (``REFUSED_ROUTES``).
 from __future__ import annotations
 
 import functools
+import hmac
 import html
 import logging
 import secrets
@@ -28,13 +29,14 @@ paths.configure_environment()
 import gradio as gr  # noqa: E402  (imported after the environment keeps it offline and quiet)
 
 from assistant import adapters  # noqa: E402
-from assistant.chat import ChatError, ChatService  # noqa: E402
-from feedback import auth, review, store, turns  # noqa: E402
+from assistant.chat import BusyError, ChatError, ChatService  # noqa: E402
+from assistant.metrics import CONTENT_TYPE, ServingMetrics  # noqa: E402
+from feedback import auth, privacy, review, store, turns  # noqa: E402
 from feedback.db import ThreadLocalDB  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 from starlette.requests import Request  # noqa: E402
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse  # noqa: E402
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ STAFF_LOGIN_PATH = "/staff/login"
 STAFF_LOGOUT_PATH = "/staff/logout"
 STAFF_COOKIE = "tuneloop_staff"
 STAFF_ONLY = "Staff only: sign in at /staff first."
+HEALTH_PATH, READY_PATH, METRICS_PATH = "/healthz", "/readyz", "/metrics"
 MAX_LOGIN_BODY_BYTES = 4096
 # Gradio routes this app does not use, answered 404 before Gradio sees them: deep links (they wrote
 # every component's value, a password or a customer's card number included, to disk and reopened
@@ -107,14 +110,18 @@ def build_app(
     and the staff view at ``/staff`` (review queue, corrections, approvals, examples), with the
     staff sign-in form at ``/staff/login``. :func:`launch` serves it with :data:`REFUSED_ROUTES` off."""
     cfg = service.cfg
+    metrics = ServingMetrics(lambda: service.in_flight, lambda: service.backend.active,
+                             lambda: store.stats(db.get()))
     with gr.Blocks(title=title) as demo:
-        _customer_page(demo, service, db, base_model, title)
+        _customer_page(demo, service, db, base_model, title, metrics)
+    # Turns being answered now: a server stopping before they end marks them interrupted.
+    demo.tuneloop_turns_in_flight = set()
     with demo.route("Staff", STAFF_PATH.strip("/"), show_in_navbar=False):
         _staff_page(demo, db, title)
     # What launch() passes to Gradio for this app: our routes first, the guard around everything.
     demo.tuneloop_server = {
         "app_kwargs": {
-            "routes": _staff_routes(db, cfg, title),
+            "routes": _staff_routes(db, cfg, title) + _operations_routes(service, db, metrics),
             "middleware": [Middleware(_SurfaceGuard, db=db)],
         },
         "run_history": False,
@@ -125,7 +132,8 @@ def build_app(
     return demo
 
 
-def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, base_model: str, title: str) -> None:
+def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, base_model: str, title: str,
+                   metrics: ServingMetrics) -> None:
     cfg = service.cfg
     limits = store.VoteLimits(per_address=cfg.votes_per_address_per_minute, overall=cfg.votes_per_minute)
 
@@ -138,12 +146,17 @@ def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, bas
         # The conversation is the server's record of this session, never what the client sends.
         earlier = turns.conversation(db.get(), session_id, cfg.max_conversation_turns, cfg.max_history_bytes)
         pairs = [(t["question"], t["answer"]) for t in earlier]
+        # The model sees what is stored: card numbers, IBANs, e-mails ... as placeholders.
+        question = privacy.redact((message or "").strip())
         try:
-            stream = service.answer(message, pairs)
+            stream = service.answer(question, pairs)
+        except BusyError as exc:
+            metrics.busy_refusals.inc()
+            raise gr.Error(str(exc), print_exception=False) from None
         except ChatError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
-        question = message.strip()
         turn_id = turns.start_turn(db.get(), session_id, question, pairs, base_model)
+        demo.tuneloop_turns_in_flight.add(turn_id)
         history, answer_turns = [], []
         for t in earlier:
             history += [{"role": "user", "content": _as_text(t["question"])},
@@ -166,6 +179,8 @@ def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, bas
             # Runs also when the customer disconnects mid-answer (GeneratorExit): what was
             # streamed so far is kept, marked "interrupted".
             turns.finish_turn(db.get(), turn_id, stream.text, stream.stats, status, error)
+            demo.tuneloop_turns_in_flight.discard(turn_id)
+            metrics.observe(status, stream.stats)
         yield history, "", session_id, turn_id, answer_turns
 
     @_shown
@@ -522,6 +537,66 @@ def _staff_routes(db: ThreadLocalDB, cfg, title: str) -> list[Route]:
         Route(STAFF_LOGIN_PATH, login, methods=["POST"]),
         Route(STAFF_LOGOUT_PATH, logout, methods=["GET", "POST"]),
     ]
+
+
+def _operations_routes(service: ChatService, db: ThreadLocalDB, metrics: ServingMetrics) -> list[Route]:
+    """``/healthz`` (the process answers), ``/readyz`` (ready for customers: not draining, the
+    database writable, the adapter pointer valid; 503 otherwise) and ``/metrics`` (Prometheus text;
+    only for a loopback client not behind the proxy, or with ``[serve] metrics_token``)."""
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok"}, headers={"Cache-Control": "no-store"})
+
+    def ready_checks() -> dict:
+        checks = {"draining": service.draining, "database": _database_writable(db)}
+        try:
+            wanted = adapters.current_version()
+            # The pointer names an adapter that exists, and the backend did not refuse the last one
+            # it tried (a refusal keeps the previous adapter serving, which staff must hear about).
+            present = wanted is None or (adapters.adapter_path(wanted) / adapters.WEIGHTS_FILE).exists()
+        except adapters.AdapterError:
+            wanted, present = None, False
+        checks.update(adapter=wanted, adapter_valid=present and service.backend.last_error is None,
+                      serving=service.backend.active)
+        return checks
+
+    async def ready(request: Request):
+        checks = await run_in_threadpool(ready_checks)
+        ok = not checks["draining"] and checks["database"] and checks["adapter_valid"]
+        return JSONResponse({"status": "ready" if ok else "not ready", **checks}, status_code=200 if ok else 503,
+                            headers={"Cache-Control": "no-store"})
+
+    async def scrape(request: Request):
+        if not _may_scrape(request, service.cfg.metrics_token):
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        body = await run_in_threadpool(metrics.text)
+        return Response(body, media_type=CONTENT_TYPE, headers={"Cache-Control": "no-store"})
+
+    return [Route(HEALTH_PATH, health, methods=["GET"]), Route(READY_PATH, ready, methods=["GET"]),
+            Route(METRICS_PATH, scrape, methods=["GET"])]
+
+
+def _database_writable(db: ThreadLocalDB) -> bool:
+    """Whether the write lock can be taken within the busy timeout (nothing is written)."""
+    conn = db.get().conn
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return True
+    except Exception:
+        log.exception("readiness: the feedback database is not writable")
+        return False
+
+
+def _may_scrape(request: Request, token: str) -> bool:
+    """With a token, only a request bearing it; without, only a client on this machine that did not
+    come through the proxy (which adds X-Forwarded-For), so publishing the chat never publishes this."""
+    if token:
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        return hmac.compare_digest(given.encode(), token.encode())
+    host = getattr(request.client, "host", "") or ""
+    proxied = "x-forwarded-for" in request.headers or "forwarded" in request.headers
+    return not proxied and (host == "::1" or host.startswith("127."))
 
 
 def _login_page(title: str, message: str, status: int = 200) -> HTMLResponse:

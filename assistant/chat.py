@@ -34,6 +34,7 @@ class BusyError(ChatError):
 
 
 BUSY_MESSAGE = "The assistant is busy answering other customers. Please try again in a minute."
+DRAINING_MESSAGE = "The assistant is restarting. Please try again in a minute."
 
 
 @dataclass
@@ -174,13 +175,31 @@ class ChatService:
         # Answers in flight: `concurrency` being generated plus `max_queue` waiting for a slot.
         # Past that a customer is told at once to try again instead of waiting without end.
         self._admitted = threading.BoundedSemaphore(cfg.concurrency + cfg.max_queue)
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self.draining = False
+        """Set on shutdown: answers in flight finish, new questions are refused (:data:`DRAINING_MESSAGE`)."""
 
     @property
     def in_flight_limit(self) -> int:
         """Answers accepted at once: generating plus waiting (the web app's concurrency limit)."""
         return self.cfg.concurrency + self.cfg.max_queue
 
+    @property
+    def in_flight(self) -> int:
+        """Answers admitted and not yet finished (generating or waiting for a slot)."""
+        return self._in_flight
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for every answer in flight to finish; True if none is left."""
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self._in_flight == 0
+
     def answer(self, question: str, history: list[tuple[str, str]] | None = None) -> Stream:
+        if self.draining:
+            raise BusyError(DRAINING_MESSAGE)
         question = (question or "").strip()
         if not question:
             raise ChatError("Please type a question.")
@@ -196,7 +215,8 @@ class ChatService:
         # A place first: a flood of refused questions costs no search and no tokenizing.
         if not self._admitted.acquire(blocking=False):
             raise BusyError(BUSY_MESSAGE)
-        release = _Once(self._admitted.release)
+        self._count_in_flight(+1)
+        release = _Once(self._release)
         try:
             messages, references = self._prompt(question, history)
         except BaseException:
@@ -207,6 +227,14 @@ class ChatService:
         # A stream dropped without being read gives its place back too.
         weakref.finalize(stream, release)
         return stream
+
+    def _count_in_flight(self, change: int) -> None:
+        with self._in_flight_lock:
+            self._in_flight += change
+
+    def _release(self) -> None:
+        self._count_in_flight(-1)
+        self._admitted.release()
 
     def _prompt(self, question: str, history: list[tuple[str, str]] | None) -> tuple[list[dict], list[Reference]]:
         """The messages to answer from, and the references they hold."""
@@ -506,6 +534,16 @@ class ScriptedBackend:
     delay_s: float = 0.0
     context_window: int = 4096
     calls: list[list[dict]] = field(default_factory=list)
+    last_error: str | None = None
+    """Always None: the scripted backend refuses no adapter (the real ones' refusal message)."""
+
+    @property
+    def active(self) -> str | None:
+        """The adapter the next answer uses: the pointer's (None for the base or a refused pointer)."""
+        try:
+            return adapters.current_version()
+        except adapters.AdapterError:
+            return None
 
     def count_tokens(self, messages: list[dict]) -> int:
         return sum(len(m["content"].split()) + 4 for m in messages)

@@ -93,6 +93,10 @@ class ServeConfig:
     """Password checks per minute for one client address."""
     max_browser_sessions: int = 2000
     """Browser sessions whose page state the server keeps in memory; the oldest is dropped first."""
+    metrics_token: str = ""
+    """Bearer token a scraper of /metrics must send; empty means /metrics answers only clients on this machine that did not come through a proxy."""
+    drain_s: float = 30.0
+    """On SIGTERM, seconds answers in flight may take to finish before the server stops (new questions are refused meanwhile)."""
 
     def __post_init__(self) -> None:
         check(self.quantization in ("nf4", "none"), f"quantization must be 'nf4' or 'none', not {self.quantization!r}")
@@ -117,6 +121,7 @@ class ServeConfig:
                      "signin_hashes_per_minute", "signin_hashes_per_address_per_minute", "max_browser_sessions"):
             check(getattr(self, name) >= 1, f"{name} must be at least 1")
         check(bool(self.system_prompt.strip()), "system_prompt must not be empty")
+        check(0 <= self.drain_s <= 3600, "drain_s must be between 0 and 3600 seconds")
 
 
 def check(condition: bool, message: str) -> None:

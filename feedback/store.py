@@ -25,7 +25,7 @@ import sqlite_utils
 
 from feedback.text import NOT_STORABLE, is_storable
 
-from feedback import auth, knowledge
+from feedback import auth, knowledge, privacy
 
 VOTE_BURST_LIMIT = 10
 VOTE_BURST_WINDOW_S = 60
@@ -81,7 +81,8 @@ def log_vote(db: sqlite_utils.Database, session_id: str, turn_id: int, value: in
     another session or have no answer yet, and reasons longer than :data:`MAX_REASON_CHARS`.
     """
     value = _vote_value(value)
-    reason = (reason or "").strip() or None
+    # A customer's words: personal data redacted before anything else looks at them.
+    reason = privacy.redact((reason or "").strip()) or None
     if reason is not None and not is_storable(reason):
         raise FeedbackError(f"The reason {NOT_STORABLE}.")
     if reason is not None and len(reason) > MAX_REASON_CHARS:

@@ -9,6 +9,8 @@ from datetime import datetime, timedelta, timezone
 
 import sqlite_utils
 
+from feedback import privacy
+
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
@@ -60,12 +62,13 @@ def conversation(db: sqlite_utils.Database, session_id: str | None, max_turns: i
 
 
 def start_turn(db: sqlite_utils.Database, session_id: str, question: str, history: list, base_model: str) -> int:
-    """Record a question before answering it; returns the turn id."""
+    """Record a question before answering it, its personal data redacted (:mod:`feedback.privacy`);
+    returns the turn id."""
     with db.conn:
         table = db["turns"].insert(
             {
                 "session_id": session_id,
-                "question": question,
+                "question": privacy.redact(question),
                 "history": json.dumps(history),
                 "base_model": base_model,
                 "status": "streaming",
@@ -95,3 +98,17 @@ def finish_turn(db: sqlite_utils.Database, turn_id: int, answer: str, stats, sta
                 "finished_at": now(),
             },
         )
+
+
+def mark_interrupted(db: sqlite_utils.Database, turn_ids: list[int]) -> int:
+    """Mark turns still ``streaming`` as ``interrupted`` (a server stopping before they finished);
+    returns how many were."""
+    if not turn_ids:
+        return 0
+    with db.conn:
+        cursor = db.execute(
+            f"UPDATE turns SET status = 'interrupted', finished_at = ? WHERE status = 'streaming' "
+            f"AND id IN ({', '.join('?' * len(turn_ids))})",
+            [now(), *turn_ids],
+        )
+    return cursor.rowcount

@@ -10,31 +10,50 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 
 from assistant import paths
 from assistant.config import ConfigError, ServeConfig, add_arguments, as_dict, from_args
 
 # Modules with ``add_commands(subparsers)`` (and optionally ``status_fields() -> dict``).
 COMMAND_MODULES: list[str] = ["feedback.cli", "trainer.cli", "feedback.data_cli", "feedback.knowledge_cli", "evals.cli",
-                              "tuneloop.pipeline"]
+                              "tuneloop.pipeline", "feedback.backup"]
 
 
 def cmd_serve(args) -> int:
-    """Serve the customer chat (and staff view) until interrupted."""
+    """Serve the customer chat (and staff view) until stopped; SIGTERM or Ctrl-C lets answers in flight finish first ([serve] drain_s)."""
     import app
     from assistant.chat import ChatService, make_backend
+    from feedback import privacy, turns
     from feedback.db import ThreadLocalDB
     from feedback.knowledge import KnowledgeIndex
 
     cfg = from_args(ServeConfig, "serve", args)
+    privacy.load_config()  # a bad [privacy] table stops the start, not every answer
     backend = make_backend(cfg)
     db = ThreadLocalDB()
     service = ChatService(cfg, backend, references=KnowledgeIndex(db.get))
     demo = app.build_app(service, db, backend.base.model_id, title=cfg.title)
+    app.launch(demo, cfg.host, cfg.port, cfg.concurrency, block=False)
     print(f"tuneloop: serving {cfg.base_model} ({cfg.quantization}, {cfg.backend}) with adapter "
           f"{backend.active or 'none (base model)'} at http://{cfg.host}:{cfg.port}", flush=True)
-    app.launch(demo, cfg.host, cfg.port, cfg.concurrency, block=True)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(1.0):  # wakes each second to let the signal handler run
+        pass
+    # Drain: /readyz turns 503 and new questions are refused; answers in flight get drain_s to end.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
+    service.draining = True
+    print(f"tuneloop: draining {service.in_flight} answer(s), up to {cfg.drain_s:g} s", flush=True)
+    drained = service.wait_idle(cfg.drain_s)
+    cut = turns.mark_interrupted(db.get(), sorted(demo.tuneloop_turns_in_flight))
+    demo.close()
+    db.get().conn.close()
+    print(f"tuneloop: stopped ({'all answers finished' if drained else f'{cut} answer(s) cut off'})", flush=True)
     return 0
 
 
