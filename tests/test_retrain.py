@@ -162,7 +162,7 @@ def test_kill_during_training_keeps_the_adapter_serving_and_the_next_run_recover
     db = schema.connect()
     assert [r["status"] for r in db["retrain_runs"].rows] == ["failed", "done"]
     decision = next(db["gate_decisions"].rows)
-    assert decision["promote"] == 1 and decision["incumbent"] == serving and len(json.loads(decision["reasons"])) == 3
+    assert decision["promote"] == 1 and decision["incumbent"] == serving and len(json.loads(decision["reasons"])) == 4  # gain, noise, forgetting, invented facts
     assert {r["role"] for r in db["eval_reports"].rows} == {"base", "current", "candidate", "few_shot"}
     assert db["review_pairs"].count == 4
     assert (adapters.adapter_path(result["candidate"]) / "eval_report.json").exists()
