@@ -513,13 +513,33 @@ class TransformersBackend:
                 raise failure[0]
 
 
+def resolve_backend(cfg: ServeConfig) -> str:
+    """The backend that serves ``cfg``: its ``backend``, or for "auto" llama_cpp on a CPU when the
+    base is a Llama (several times transformers' decode speed there at the same label F1,
+    benchmarks/serving.py and benchmarks/gate_eval.py), else transformers (CUDA, other bases)."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from assistant import model as base_model
+
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return "transformers"
+    config = json.loads((Path(base_model.prepare(cfg.base_model).path) / "config.json").read_text(encoding="utf-8"))
+    return "llama_cpp" if config.get("architectures") == ["LlamaForCausalLM"] else "transformers"
+
+
 def make_backend(cfg: ServeConfig) -> Backend:
-    """The backend ``cfg.backend`` names, loaded and serving the pointer's adapter."""
-    if cfg.backend == "llama_cpp":
+    """The backend ``cfg`` names (see :func:`resolve_backend`), loaded and serving the pointer's adapter."""
+    backend = resolve_backend(cfg)
+    if backend == "llama_cpp":
         from assistant.llama_backend import LlamaCppBackend
 
         return LlamaCppBackend(cfg)
-    if cfg.backend == "vllm":
+    if backend == "vllm":
         from assistant.vllm_backend import VllmBackend
 
         return VllmBackend(cfg)

@@ -29,7 +29,7 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
-BACKENDS = ("transformers", "llama_cpp", "vllm")
+BACKENDS = ("auto", "transformers", "llama_cpp", "vllm")
 """What can run the model (``ServeConfig.backend``)."""
 
 
@@ -45,8 +45,8 @@ class ServeConfig:
     """Weight quantization of the served base: "nf4" (bitsandbytes 4-bit) or "none"."""
     device: str = "auto"
     """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
-    backend: str = "transformers"
-    """What runs the model: "transformers" (PyTorch, bitsandbytes 4-bit), "llama_cpp" (llama.cpp on GGUF files, CPU) or "vllm" (GPU hosts, needs pip install vllm)."""
+    backend: str = "auto"
+    """What runs the model: "auto" (llama_cpp on a CPU for a Llama base, else transformers), "transformers" (PyTorch, bitsandbytes 4-bit), "llama_cpp" (llama.cpp on GGUF files, CPU) or "vllm" (GPU hosts, needs pip install vllm)."""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     """The domain persona, sent as the system message of every chat and training example."""
     title: str = "tuneloop assistant"

@@ -1,8 +1,8 @@
 """Serving under load: the transformers backend vs the llama.cpp backend, through the real web app.
 
 Each backend serves ``tuneloop``'s Gradio app on 127.0.0.1 in a process of its own (so peak
-memory is its own); customers are ``gradio_client`` sessions asking the same pack questions over
-real HTTP, 1, 5 and 20 of them at once (each level asks at least as many questions as it has
+memory is its own); customers are ``gradio_client`` sessions, in a process of their own, asking the same pack
+questions over real HTTP, 1, 5 and 20 of them at once (each level asks at least as many questions as it has
 customers). Per backend and level it prints time to first token and whole-answer latency p50/p99
 (measured by the customer), decode tokens/s (all answer tokens over the level's wall time, and the
 median per-answer rate after its first token, from the turn log), and the process's peak memory;
@@ -100,13 +100,13 @@ def ask(client, question: str) -> dict:
     return {"answer": answer, "first_s": first if first is not None else total, "total_s": total}
 
 
-def run_level(url: str, questions: list[str], customers: int, db) -> dict:
+def customers_process(url: str, asked: list[str], customers: int) -> dict:
+    """Runs in a process of its own (the customers are not the server's threads): ``customers``
+    gradio_client sessions ask ``asked`` between them; per answer, the customer's timings."""
     from gradio_client import Client
 
-    asked = [questions[i % len(questions)] for i in range(max(len(questions), customers))]
     clients = [Client(url, verbose=False, download_files=False) for _ in range(customers)]
     results: list[dict | None] = [None] * len(asked)
-    last_turn = next(iter(db.query("select coalesce(max(id), 0) as id from turns")))["id"]
 
     def customer(index: int) -> None:
         for slot in range(index, len(asked), customers):  # each customer asks its share in turn
@@ -118,16 +118,30 @@ def run_level(url: str, questions: list[str], customers: int, db) -> dict:
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - started
+    return {"wall_s": time.perf_counter() - started, "results": results}
+
+
+def run_level(url: str, questions: list[str], customers: int, db) -> dict:
+    asked = [questions[i % len(questions)] for i in range(max(len(questions), customers))]
+    last_turn = next(iter(db.query("select coalesce(max(id), 0) as id from turns")))["id"]
+    done = subprocess.run([sys.executable, __file__, "--customers-of", url, "--levels", str(customers)],
+                          input=json.dumps(asked), capture_output=True, text=True)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"the customers failed:\n{done.stderr[-3000:]}")
+    measured = json.loads(line.removeprefix("RESULT "))
+    wall, results = measured["wall_s"], measured["results"]
     turns = list(db.query("select tokens_out, latency_s, first_token_s from turns where id > ?", [last_turn]))
     rates = [(t["tokens_out"] - 1) / (t["latency_s"] - t["first_token_s"]) for t in turns
              if t["tokens_out"] and t["tokens_out"] > 1 and t["first_token_s"] is not None and t["latency_s"] > t["first_token_s"]]
+    server_firsts = [t["first_token_s"] for t in turns if t["first_token_s"] is not None]
     firsts, totals = [r["first_s"] for r in results], [r["total_s"] for r in results]
     return {
         "customers": customers,
         "answers": len(asked),
         "first_token_p50_s": round(statistics.median(firsts), 2),
         "first_token_p99_s": round(percentile(firsts, 0.99), 2),
+        "server_first_token_p99_s": round(percentile(server_firsts, 0.99), 2) if server_firsts else None,
         "latency_p50_s": round(statistics.median(totals), 2),
         "latency_p99_s": round(percentile(totals, 0.99), 2),
         "tokens_per_s_all": round(sum(t["tokens_out"] or 0 for t in turns) / wall, 1),
@@ -145,6 +159,7 @@ def child(backend_name: str, count: int, levels: list[int], lora: bool) -> dict:
     from evals import metrics
     from evals.labeler import AnswerLabeler
     from feedback.db import ThreadLocalDB
+    from feedback.knowledge import KnowledgeIndex
 
     if lora:
         make_lora()
@@ -155,7 +170,9 @@ def child(backend_name: str, count: int, levels: list[int], lora: bool) -> dict:
     backend = make_backend(cfg)
     load_s = time.perf_counter() - started
     db = ThreadLocalDB()
-    demo = app.build_app(ChatService(cfg, backend), db, backend.base.model_id, title=cfg.title)
+    # As `tuneloop serve` answers: with the home's knowledge index (references for the base model,
+    # or for an adapter trained with them).
+    demo = app.build_app(ChatService(cfg, backend, references=KnowledgeIndex(db.get)), db, backend.base.model_id, title=cfg.title)
     port = _free_port()
     app.launch(demo, "127.0.0.1", port, cfg.concurrency, block=False)
     url = f"http://127.0.0.1:{port}/"
@@ -194,7 +211,11 @@ def main() -> None:
     parser.add_argument("--home", help="serve from this TUNELOOP_HOME (default: a fresh temporary one)")
     parser.add_argument("--lora", action="store_true", help="serve a random r=16 LoRA adapter on both backends")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--customers-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.customers_of:  # the customers of one level, questions on stdin
+        print("RESULT " + json.dumps(customers_process(args.customers_of, json.loads(sys.stdin.read()), int(args.levels))), flush=True)
+        return
     count = 8 if args.quick else args.questions
     levels = [int(level) for level in args.levels.split(",")]
     if args.child:

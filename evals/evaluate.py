@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import random
 import time
@@ -35,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from assistant import adapters, paths
-from assistant.chat import build_messages, retrieval_for, with_references, without_special_tokens
+from assistant.chat import build_messages, resolve_backend, retrieval_for, with_references, without_special_tokens
 from assistant.config import ServeConfig, check
 from evals import metrics
 from evals.labeler import AnswerLabeler
@@ -184,7 +185,8 @@ class LlamaCppRunner:
         from assistant.llama_backend import LlamaCppBackend
 
         self.serve = serve
-        self.backend = LlamaCppBackend(serve)
+        # Every question of a call is submitted at once: room for 16 to be decoded together.
+        self.backend = LlamaCppBackend(dataclasses.replace(serve, concurrency=max(serve.concurrency, 16)))
         self.tokenizer = self.backend.tokenizer
 
     def generate(self, conversations: list[list[dict]], adapter: str | None, batch_size: int) -> list[Generation]:
@@ -205,7 +207,7 @@ class LlamaCppRunner:
 
 def make_runner(serve: ServeConfig) -> Runner:
     """The runner of the backend ``serve`` names: the gate scores what customers get."""
-    return LlamaCppRunner(serve) if serve.backend == "llama_cpp" else ModelRunner(serve)
+    return LlamaCppRunner(serve) if resolve_backend(serve) == "llama_cpp" else ModelRunner(serve)
 
 
 @dataclass

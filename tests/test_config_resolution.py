@@ -64,7 +64,7 @@ def retrain_sees(monkeypatch) -> tuple[TrainConfig, ServeConfig, str]:
     monkeypatch.setattr(pipeline, "train_candidate", train_candidate)
     monkeypatch.setattr(pipeline, "lower_cpu_priority", lambda increment: 0)
     monkeypatch.setattr(evaluate, "labeler_for", lambda test: None)
-    monkeypatch.setattr(evaluate, "ModelRunner", Runner)
+    monkeypatch.setattr(evaluate, "make_runner", Runner)  # the runner the serve config picks
     snapshot = write_snapshot()
     assert cli.main(["retrain", "--dataset", str(snapshot), "--epochs", "3", "--lr", "0.02", "--review-samples", "0"]) == 1
     return seen["train"], seen["serve"], seen["system_message"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from assistant import adapters, paths
-from assistant.chat import AnswerStats, ChatService, TransformersBackend, build_messages, make_backend
+from assistant.chat import AnswerStats, ChatService, TransformersBackend, build_messages, make_backend, resolve_backend
 from assistant.config import DEFAULT_SYSTEM_PROMPT, ConfigError, ServeConfig
 
 pytest.importorskip("llama_cpp")
@@ -159,7 +159,11 @@ def test_backend_is_chosen_by_config(tiny_model_dir):
     with pytest.raises(ConfigError, match="backend"):
         ServeConfig(backend="tgi")
     assert isinstance(make_backend(cfg_for(tiny_model_dir, "llama_cpp")), LlamaCppBackend)
-    assert ServeConfig().backend == "transformers"
+    # "auto", the default: llama.cpp on a CPU for a Llama base; transformers on CUDA.
+    assert ServeConfig().backend == "auto"
+    assert resolve_backend(cfg_for(tiny_model_dir, "auto")) == "llama_cpp"
+    assert resolve_backend(cfg_for(tiny_model_dir, "auto", device="cuda")) == "transformers"
+    assert isinstance(make_backend(cfg_for(tiny_model_dir, "auto")), LlamaCppBackend)
     for command in ("serve", "ask"):
         argv = [command] + (["hello"] if command == "ask" else []) + ["--backend", "llama_cpp"]
         assert build_parser().parse_args(argv).backend == "llama_cpp"

@@ -25,7 +25,7 @@ COMMAND_MODULES: list[str] = ["feedback.cli", "trainer.cli", "feedback.data_cli"
 def cmd_serve(args) -> int:
     """Serve the customer chat (and staff view) until stopped; SIGTERM or Ctrl-C lets answers in flight finish first ([serve] drain_s)."""
     import app
-    from assistant.chat import ChatService, make_backend
+    from assistant.chat import ChatService, make_backend, resolve_backend
     from feedback import privacy, turns
     from feedback.db import ThreadLocalDB
     from feedback.knowledge import KnowledgeIndex
@@ -37,7 +37,7 @@ def cmd_serve(args) -> int:
     service = ChatService(cfg, backend, references=KnowledgeIndex(db.get))
     demo = app.build_app(service, db, backend.base.model_id, title=cfg.title)
     app.launch(demo, cfg.host, cfg.port, cfg.concurrency, block=False)
-    print(f"tuneloop: serving {cfg.base_model} ({cfg.quantization}, {cfg.backend}) with adapter "
+    print(f"tuneloop: serving {cfg.base_model} ({cfg.quantization}, {resolve_backend(cfg)}) with adapter "
           f"{backend.active or 'none (base model)'} at http://{cfg.host}:{cfg.port}", flush=True)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
