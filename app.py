@@ -306,7 +306,8 @@ def _staff_page(demo: gr.Blocks, db: ThreadLocalDB, title: str) -> None:
         if done:
             vote += "; already reviewed: " + ", ".join(done)
         latest_label = next((c["label"] for c in reversed(item["corrections"]) if c["label"]), "")
-        return conversation, item["adapter"] or "none (base model)", vote, item["answer"] or "", latest_label
+        return (conversation, item["adapter"] or "none (base model)", vote, item["answer"] or "", latest_label,
+                _references_text(item["references"]))
 
     @_shown
     def correct(turn_id: int | None, answer: str, label: str, request: gr.Request):
@@ -351,6 +352,8 @@ def _staff_page(demo: gr.Blocks, db: ThreadLocalDB, title: str) -> None:
         with gr.Row():
             adapter_used = gr.Textbox(label="Adapter that answered", interactive=False)
             vote_info = gr.Textbox(label="Customer rating", interactive=False)
+        # Why it answered so: the approved pairs its prompt held (feedback.knowledge).
+        references_info = gr.Textbox(label="References it was given", lines=3, interactive=False)
         corrected = gr.Textbox(label="Corrected answer", lines=4, max_length=store.MAX_ANSWER_CHARS)
         label = gr.Textbox(label="Product / intent label (optional)", max_length=store.MAX_LABEL_CHARS)
         with gr.Row():
@@ -364,7 +367,7 @@ def _staff_page(demo: gr.Blocks, db: ThreadLocalDB, title: str) -> None:
         result = gr.Textbox(label="Result", interactive=False)
 
     private = dict(api_visibility="private")
-    item_outputs = [conversation, adapter_used, vote_info, corrected, label]
+    item_outputs = [conversation, adapter_used, vote_info, corrected, label, references_info]
     demo.load(load_panel, None, [whoami, panel, signed_out], **private).success(
         refresh_model, None, model_outputs, **private
     ).success(queue, page, queue_table, **private).success(queue_note, page, page_info, **private)
@@ -461,6 +464,18 @@ def _blind_review_section(db: ThreadLocalDB, panel: gr.Column, signed_in) -> Non
     outputs = [pair_id, question, left, right, left_ok, right_ok, shares]
     next_button.click(next_pair, None, outputs, api_name="review_next_pair")
     save_button.click(save, [pair_id, left_ok, right_ok], outputs, api_name="review_mark")
+
+
+def _references_text(references: list[dict]) -> str:
+    """The references of an answer as staff read them: score, question, answer, one block each."""
+    if not references:
+        return "none: the answer was made without references"
+    blocks = []
+    for ref in references:
+        removed = " (removed since)" if ref["removed"] else ""
+        score = "-" if ref["score"] is None else f"{ref['score']:.2f}"
+        blocks.append(f"[{ref['id']}] similarity {score}{removed}\nQ: {ref['question'] or '?'}\nA: {ref['answer'] or '?'}")
+    return "\n\n".join(blocks)
 
 
 def _as_text(text: str) -> str:

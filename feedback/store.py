@@ -214,7 +214,9 @@ def review_queue_size(db: sqlite_utils.Database) -> int:
 
 
 def review_item(db: sqlite_utils.Database, turn_id: int) -> dict:
-    """One turn for review: the earlier conversation, question, answer, adapter, vote and corrections."""
+    """One turn for review: the earlier conversation, question, answer, adapter, vote, corrections
+    and the references the answer was given (``{"id", "score", "question", "answer", "removed"}``,
+    best first; a removed entry is still shown, marked, since the answer was made from it)."""
     turn_id = _turn_id(turn_id)
     turn = _turn(db, turn_id)
     vote = db.execute(
@@ -235,8 +237,19 @@ def review_item(db: sqlite_utils.Database, turn_id: int) -> dict:
         "vote": {UP: "up", DOWN: "down"}.get(vote[0]) if vote else None,
         "reason": vote[1] if vote else None,
         "corrections": corrections,
+        "references": _references_of(db, turn),
         "created_at": turn["created_at"],
     }
+
+
+def _references_of(db: sqlite_utils.Database, turn: dict) -> list[dict]:
+    references = []
+    for source in json.loads(turn.get("sources") or "[]"):
+        found = knowledge.entries(db, int(source["id"]), include_removed=True)
+        entry = found[0] if found else {"question": None, "answer": None, "removed_at": None}
+        references.append({"id": int(source["id"]), "score": source.get("score"), "question": entry["question"],
+                           "answer": entry["answer"], "removed": entry["removed_at"] is not None or not found})
+    return references
 
 
 def stats(db: sqlite_utils.Database) -> dict:

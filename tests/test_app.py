@@ -174,10 +174,11 @@ def test_staff_review_correct_approve_and_add_example(served):
     assert queue["headers"] == app.QUEUE_HEADERS
     assert [row[0] for row in queue["data"]] == [disliked, fine]
     assert queue["data"][0][1:4] == ["down", "wrong fee", "What is the fee for <b>cards</b>?"]
-    conversation, adapter, rating, answer, _label = staff.predict(disliked, api_name="/review_item")
+    conversation, adapter, rating, answer, _label, references = staff.predict(disliked, api_name="/review_item")
     assert answer == "You asked: What is the fee for <b>cards</b>?"
     assert conversation[-1]["content"][0]["text"] == "You asked: What is the fee for &lt;b&gt;cards&lt;/b&gt;?"
     assert adapter == "none (base model)" and rating == "thumbs-down: wrong fee"
+    assert references.startswith("none")  # this server answers without a knowledge index
 
     assert "saved" in staff.predict(disliked, "Cards cost nothing.", "fees", api_name="/correct")
     assert "approved" in staff.predict(fine, "branches", api_name="/approve")

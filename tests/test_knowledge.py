@@ -290,3 +290,26 @@ def test_a_training_prompt_is_the_served_prompt_with_its_references(tiny_model_d
     "".join(ChatService(ServeConfig(system_prompt=PERSONA), backend, references=Fixed(REFS)).answer("What is the wire fee?"))
     served = tokenizer.apply_chat_template(backend.calls[-1], add_generation_prompt=True, return_dict=False)
     assert trained_prompt == served
+
+
+def test_staff_see_the_references_an_answer_was_given(local, db, staff):
+    """The review item shows why the assistant answered so: the approved pairs its prompt held,
+    still shown (marked) after the entry is removed."""
+    import app
+
+    wrong = answered_turn(db, "How much is a wire transfer?", "It costs $39.")
+    store.record_correction(db, staff, wrong, "A domestic wire transfer costs $25.", "wire")
+    service = ChatService(ServeConfig(retrieval_min_score=0.3), ScriptedBackend(), references=knowledge.KnowledgeIndex(local.get))
+    stream = service.answer("What does sending a wire cost?")
+    turn_id = turns.start_turn(db, turns.new_session(db), "What does sending a wire cost?", [], "base")
+    "".join(stream)
+    turns.finish_turn(db, turn_id, stream.text, stream.stats)
+    references = store.review_item(db, turn_id)["references"]
+    assert [r["answer"] for r in references] == ["A domestic wire transfer costs $25."]
+    assert references[0]["question"] == "How much is a wire transfer?" and not references[0]["removed"]
+    text = app._references_text(references)
+    assert "$25" in text and "similarity" in text
+    knowledge.remove(db, references[0]["id"])
+    assert store.review_item(db, turn_id)["references"][0]["removed"]
+    assert "removed since" in app._references_text(store.review_item(db, turn_id)["references"])
+    assert store.review_item(db, wrong)["references"] == []
