@@ -48,6 +48,8 @@ class AnswerStats:
     tokens_out: int = 0
     sources: list = field(default_factory=list)
     """The references (:class:`Reference`) the prompt held, best first."""
+    verbatim: int | None = None
+    """The id of the reference whose approved answer was given as it is (:func:`answer_from_reference`)."""
 
 
 @dataclass
@@ -154,6 +156,17 @@ def without_special_tokens(messages: list[dict], tokenizer) -> list[dict]:
     return cleaned
 
 
+def answer_from_reference(references: list[Reference], cfg: ServeConfig) -> Reference | None:
+    """The reference whose approved answer is given as it is: the best one, when its question is a
+    near-certain match (``verbatim_min_score``) and it is an answer (a catalog passage is not); None
+    otherwise. A staff correction then reaches a customer word for word, whatever the model would
+    make of it. Serving and evaluation both decide with this."""
+    if cfg.verbatim and references and references[0].score >= cfg.verbatim_min_score \
+            and getattr(references[0], "source", None) != "catalog":
+        return references[0]
+    return None
+
+
 def retrieval_for(version: str | None, cfg: ServeConfig) -> tuple[int, float]:
     """``(k, min_score)`` of the references ``version`` (None = the base model) is given: the
     settings the adapter was trained with, (0, 0.0) for one trained without references, the serve
@@ -222,8 +235,10 @@ class ChatService:
         except BaseException:
             release()
             raise
-        stats = AnswerStats(adapter=None, sources=list(references))
-        stream = Stream(self._timed(messages, stats, release), stats)
+        verbatim = answer_from_reference(references, self.cfg)
+        stats = AnswerStats(adapter=None, sources=list(references), verbatim=verbatim.id if verbatim else None)
+        pieces = self._approved(verbatim, stats) if verbatim else self.backend.stream(messages, stats)
+        stream = Stream(self._timed(pieces, stats, release), stats)
         # A stream dropped without being read gives its place back too.
         weakref.finalize(stream, release)
         return stream
@@ -268,10 +283,16 @@ class ChatService:
         k, min_score = self.retrieval()
         return list(self.references.references(question, k, min_score)) if k > 0 else []
 
-    def _timed(self, messages: list[dict], stats: AnswerStats, release: Callable[[], None]) -> Iterator[str]:
+    @staticmethod
+    def _approved(reference: Reference, stats: AnswerStats) -> Iterator[str]:
+        """The approved answer as it is; logged with the adapter in service, which did not write it."""
+        stats.adapter = adapters.current_version()
+        yield reference.answer
+
+    def _timed(self, pieces: Iterator[str], stats: AnswerStats, release: Callable[[], None]) -> Iterator[str]:
         started = time.perf_counter()
         try:
-            for piece in self.backend.stream(messages, stats):
+            for piece in pieces:
                 if stats.first_token_s is None:
                     stats.first_token_s = time.perf_counter() - started
                 yield piece
@@ -374,6 +395,8 @@ def follow_pointer(backend) -> None:
 
 class TransformersBackend:
     """The real model: 4-bit (or full-precision) base plus the current LoRA adapter, streamed."""
+
+    name = "transformers"
 
     def __init__(self, cfg: ServeConfig):
         import torch
@@ -550,6 +573,7 @@ def make_backend(cfg: ServeConfig) -> Backend:
 class ScriptedBackend:
     """A fake model for fast tests: answers from a function, word by word, on the pointer's adapter."""
 
+    name = "scripted"
     reply: Callable[[str], str] = lambda question: f"You asked: {question}"
     delay_s: float = 0.0
     context_window: int = 4096

@@ -574,6 +574,8 @@ class LlamaCppBackend:
     each step over the cores itself.
     """
 
+    name = "llama_cpp"
+
     def __init__(self, cfg: ServeConfig):
         import numpy as np
         from transformers import AutoTokenizer

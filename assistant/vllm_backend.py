@@ -66,6 +66,8 @@ def engine_args(cfg: ServeConfig, base_path: str, max_lora_rank: int) -> dict:
 class VllmBackend:
     """The base on vLLM plus the current adapter as a ``LoRARequest``, streamed."""
 
+    name = "vllm"
+
     def __init__(self, cfg: ServeConfig):
         try:
             from vllm import AsyncEngineArgs

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from assistant import adapters, paths
-from assistant.chat import build_messages, resolve_backend, retrieval_for, with_references, without_special_tokens
+from assistant.chat import answer_from_reference, build_messages, resolve_backend, retrieval_for, with_references, without_special_tokens
 from assistant.config import ServeConfig, check
 from evals import metrics
 from evals.labeler import AnswerLabeler
@@ -494,7 +494,11 @@ def evaluate(
     found = index.references(retrieval["k"], retrieval["min_score"]) if retrieval else [[] for _ in test.examples]
     conversations = [with_references(build_messages(serve.system_prompt, list(shots or []), row["question"]), refs)
                      for row, refs in zip(test.examples, found)]
-    generations = runner.generate(conversations, adapter, batch_size)
+    # As served: a near-certain match to an approved question is answered with its approved text.
+    approved = [answer_from_reference(refs, serve) for refs in found]
+    asked = [messages for messages, ref in zip(conversations, approved) if ref is None]
+    generated = iter(runner.generate(asked, adapter, batch_size) if asked else [])
+    generations = [next(generated) if ref is None else Generation(ref.answer, 0.0, 0, 0) for ref in approved]
     answers = [g.text for g in generations]
     references = [row["answer"] for row in test.examples]
     truth = [row.get("label") for row in test.examples]

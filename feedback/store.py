@@ -248,7 +248,8 @@ def _references_of(db: sqlite_utils.Database, turn: dict) -> list[dict]:
         found = knowledge.entries(db, int(source["id"]), include_removed=True)
         entry = found[0] if found else {"question": None, "answer": None, "removed_at": None}
         references.append({"id": int(source["id"]), "score": source.get("score"), "question": entry["question"],
-                           "answer": entry["answer"], "removed": entry["removed_at"] is not None or not found})
+                           "answer": entry["answer"], "removed": entry["removed_at"] is not None or not found,
+                           "verbatim": bool(source.get("verbatim"))})
     return references
 
 

@@ -4,6 +4,7 @@ an answer cut off by a crash still leaves its question (status ``streaming``) in
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from datetime import datetime, timedelta, timezone
 
@@ -11,6 +12,7 @@ import sqlite_utils
 
 from feedback import privacy
 
+log = logging.getLogger(__name__)
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
@@ -21,11 +23,12 @@ class TooManySessions(RuntimeError):
 
 
 def new_session(db: sqlite_utils.Database, kind: str = "customer", address: str | None = None,
-                per_address_per_minute: int | None = None) -> str:
+                per_address_per_minute: int | None = None, api_key: str | None = None) -> str:
     """Create a chat session and return its unguessable id.
 
     With ``per_address_per_minute``, refuses (:class:`TooManySessions`) a client ``address`` that
     already opened that many sessions in the last minute; the check and the insert are one transaction.
+    ``api_key`` names the API key (:mod:`feedback.apikeys`) of a session opened through the API.
     """
     session_id = secrets.token_urlsafe(16)
     with db.conn:
@@ -37,8 +40,40 @@ def new_session(db: sqlite_utils.Database, kind: str = "customer", address: str 
             ).fetchone()[0]
             if recent >= per_address_per_minute:
                 raise TooManySessions("Too many new conversations from your network; please try again in a minute.")
-        db["sessions"].insert({"id": session_id, "kind": kind, "created_at": now(), "address": address})
+        db["sessions"].insert({"id": session_id, "kind": kind, "created_at": now(), "address": address,
+                               "api_key": api_key})
     return session_id
+
+
+def verified_history(db: sqlite_utils.Database, api_key: str, pairs: list[tuple[str, str]], max_turns: int,
+                     max_bytes: int) -> list[tuple[str, str]]:
+    """The (question, answer) pairs an API client sent back that are this key's own logged turns
+    (question as stored, i.e. redacted, and answer exactly as the assistant gave it), latest
+    ``max_turns`` and ``max_bytes`` at most: the client's word is never taken for what the
+    assistant said. A pair that does not match is dropped, and so is everything before it (a
+    conversation is trusted from its latest unbroken run of real turns)."""
+    kept, size = [], 0
+    for question, answer in reversed(pairs[-max_turns:] if max_turns > 0 else []):
+        size += len(question.encode("utf-8", "replace")) + len(answer.encode("utf-8", "replace"))
+        if size > max_bytes:
+            break
+        found = db.execute(
+            "SELECT 1 FROM turns t JOIN sessions s ON s.id = t.session_id WHERE s.api_key = ? "
+            "AND t.question = ? AND t.answer = ? AND t.status = 'complete' LIMIT 1",
+            [api_key, privacy.redact(question), answer],
+        ).fetchone()
+        if found is None:
+            break
+        kept.append((privacy.redact(question), answer))
+    return kept[::-1]
+
+
+def api_session_of(db: sqlite_utils.Database, turn_id: int, api_key: str) -> str | None:
+    """The session of turn ``turn_id`` if the API key ``api_key`` opened it, else None (so one
+    channel cannot rate another's answers)."""
+    row = db.execute("SELECT s.id FROM turns t JOIN sessions s ON s.id = t.session_id "
+                     "WHERE t.id = ? AND s.api_key = ?", [turn_id, api_key]).fetchone()
+    return row[0] if row else None
 
 
 def conversation(db: sqlite_utils.Database, session_id: str | None, max_turns: int, max_bytes: int) -> list[dict]:
@@ -94,10 +129,17 @@ def finish_turn(db: sqlite_utils.Database, turn_id: int, answer: str, stats, sta
                 "tokens_in": stats.tokens_in,
                 "tokens_out": stats.tokens_out,
                 # The knowledge entries the prompt held (feedback.knowledge), so staff see why it answered so.
-                "sources": json.dumps([{"id": s.id, "score": round(s.score, 4)} for s in getattr(stats, "sources", None) or []]),
+                # "verbatim": the approved answer given as it is (assistant.chat.answer_from_reference).
+                "sources": json.dumps([{"id": s.id, "score": round(s.score, 4)} | ({"verbatim": True} if s.id == getattr(stats, "verbatim", None) else {})
+                                       for s in getattr(stats, "sources", None) or []]),
                 "finished_at": now(),
             },
         )
+    # The event a JSON log ships per answer (assistant.logs): ids and timings, never the text.
+    log.info("turn finished", extra={
+        "turn_id": turn_id, "adapter": stats.adapter, "status": status, "latency_s": round(stats.latency_s, 4),
+        "first_token_s": None if stats.first_token_s is None else round(stats.first_token_s, 4),
+        "tokens_in": stats.tokens_in, "tokens_out": stats.tokens_out})
 
 
 def mark_interrupted(db: sqlite_utils.Database, turn_ids: list[int]) -> int:

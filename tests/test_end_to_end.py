@@ -75,7 +75,12 @@ def retrain(max_steps: int, capsys) -> dict:
     return result
 
 
-def test_the_loop_end_to_end(tuneloop_home, tmp_path, capsys):
+def test_the_loop_end_to_end(tuneloop_home, tmp_path, capsys, monkeypatch):
+    # The loop's mechanics with adapters that must beat the plain base model: no references for the
+    # base either. With them (retrieval_k = 3) the base scored label F1 0.746 on these 30 questions
+    # and a 20-step adapter trained without references 0.754, rightly not promoted (gain below
+    # min_delta, and more unsupported facts than the grounded base: 0.467 vs 0.367; CI, 2026-12-05).
+    monkeypatch.setenv("TUNELOOP_SERVE_RETRIEVAL_K", "0")
     # 1. Staff import a small labelled set (the pack's persona serves as the system prompt).
     packs.install_persona(packs.load_pack())
     file = tmp_path / "examples.csv"

@@ -286,7 +286,8 @@ def trained_adapter(version: str, retrieval: dict | None) -> None:
 
 def test_a_test_question_never_finds_itself_or_a_test_row():
     runner = RecordingRunner(lambda adapter, q: "Happy to help.")
-    serve = ServeConfig(system_prompt=PERSONA, retrieval_k=20, retrieval_min_score=0.0)
+    # verbatim off: every question goes to the model, so every prompt can be read.
+    serve = ServeConfig(system_prompt=PERSONA, retrieval_k=20, retrieval_min_score=0.0, verbatim=False)
     test = toy_set()
     grounded = evaluate.evaluate(runner, test, None, serve, None)
     allowed = {"examples:1", "examples:2", "examples:3", "examples:4", "corrections:9", "catalog"}
@@ -314,7 +315,7 @@ def test_each_system_is_evaluated_with_the_references_serving_gives_it():
     trained_adapter("with", {"k": 2, "min_score": 0.5, "distractors": 0.2, "missing": 0.1})
     trained_adapter("without", None)
     runner = RecordingRunner(lambda adapter, q: "Happy to help.")
-    serve = ServeConfig(system_prompt=PERSONA, retrieval_k=3, retrieval_min_score=0.3)
+    serve = ServeConfig(system_prompt=PERSONA, retrieval_k=3, retrieval_min_score=0.3, verbatim=False)
     test = toy_set()
     reports = {version: evaluate.evaluate(runner, test, version, serve, None) for version in (None, "with", "without")}
     assert reports[None].retrieval == {"k": 3, "min_score": 0.3}
@@ -358,7 +359,7 @@ def test_unsupported_facts_flag_an_invented_fee_and_not_one_in_a_reference():
     trained_adapter("with", {"k": 3, "min_score": 0.3})
     trained_adapter("invents", {"k": 3, "min_score": 0.3})
     runner = evaluate.ScriptedRunner(answer)
-    serve = ServeConfig(system_prompt=PERSONA)
+    serve = ServeConfig(system_prompt=PERSONA, verbatim=False)
     grounded = evaluate.evaluate(runner, toy_set(), "with", serve, None)
     invented = evaluate.evaluate(runner, toy_set(), "invents", serve, None)
     assert [row["unsupported"] for row in grounded.examples] == [[], [], [], []]  # $25 in a reference, 2.75% in the catalog
@@ -369,3 +370,20 @@ def test_unsupported_facts_flag_an_invented_fee_and_not_one_in_a_reference():
     answers["blind"] = answers["with"]
     blind = evaluate.evaluate(runner, toy_set(), "blind", serve, None)
     assert blind.examples[0]["unsupported"] == ["$25"] and blind.unsupported_facts == pytest.approx(0.25)
+
+
+def test_evaluation_answers_a_near_certain_match_with_the_approved_text_as_serving_does():
+    from assistant.chat import ChatService, ScriptedBackend
+
+    runner = RecordingRunner(lambda adapter, q: "Happy to help.")
+    serve = ServeConfig(system_prompt=PERSONA)
+    test = toy_set()
+    report = evaluate.evaluate(runner, test, None, serve, None)
+    index = test.index()
+    service = ChatService(serve, ScriptedBackend(), references=index.index)
+    served = ["".join(service.answer(row["question"])) for row in TEST]
+    evaluated = [row["answer"] for row in report.examples]
+    assert evaluated == [s if not s.startswith("You asked") else "Happy to help." for s in served]
+    approved = [i for i, s in enumerate(served) if not s.startswith("You asked")]
+    assert approved, "the toy set has a near-certain match (the checking question)"
+    assert len(runner.prompts[None]) == len(TEST) - len(approved)  # the model was not asked those
