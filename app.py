@@ -32,6 +32,7 @@ from assistant import adapters  # noqa: E402
 from assistant.chat import BusyError, ChatError, ChatService  # noqa: E402
 from assistant.metrics import CONTENT_TYPE, ServingMetrics  # noqa: E402
 from feedback import auth, privacy, review, store, turns  # noqa: E402
+from feedback import api as channel_api  # noqa: E402  (the OpenAI-compatible /v1 routes)
 from feedback.db import ThreadLocalDB  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
@@ -42,6 +43,9 @@ from starlette.routing import Route  # noqa: E402
 log = logging.getLogger(__name__)
 
 TITLE = "tuneloop assistant"
+# Shown as the answer from the moment a question is sent until its first token arrives: a title
+# with Gradio's spinner and no text, so an API caller timing the first text is not misled.
+TYPING = "Writing an answer…"
 STAFF_PATH = "/staff"
 STAFF_LOGIN_PATH = "/staff/login"
 STAFF_LOGOUT_PATH = "/staff/logout"
@@ -121,7 +125,9 @@ def build_app(
     # What launch() passes to Gradio for this app: our routes first, the guard around everything.
     demo.tuneloop_server = {
         "app_kwargs": {
-            "routes": _staff_routes(db, cfg, title) + _operations_routes(service, db, metrics),
+            "routes": _staff_routes(db, cfg, title) + _operations_routes(service, db, metrics)
+            + channel_api.routes(service, db, base_model, metrics, demo.tuneloop_turns_in_flight,
+                                 busy_error=BusyError, chat_error=ChatError),
             "middleware": [Middleware(_SurfaceGuard, db=db)],
         },
         "run_history": False,
@@ -138,34 +144,39 @@ def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, bas
     limits = store.VoteLimits(per_address=cfg.votes_per_address_per_minute, overall=cfg.votes_per_minute)
 
     def respond(message: str, session_id: str | None, request: gr.Request):
-        if not session_id:
-            try:
-                session_id = turns.new_session(db.get(), "customer", _address(request), cfg.sessions_per_address_per_minute)
-            except turns.TooManySessions as exc:
-                raise gr.Error(str(exc), print_exception=False) from None
-        # The conversation is the server's record of this session, never what the client sends.
-        earlier = turns.conversation(db.get(), session_id, cfg.max_conversation_turns, cfg.max_history_bytes)
-        pairs = [(t["question"], t["answer"]) for t in earlier]
         # The model sees what is stored: card numbers, IBANs, e-mails ... as placeholders.
         question = privacy.redact((message or "").strip())
-        try:
-            stream = service.answer(question, pairs)
-        except BusyError as exc:
-            metrics.busy_refusals.inc()
-            raise gr.Error(str(exc), print_exception=False) from None
-        except ChatError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
-        turn_id = turns.start_turn(db.get(), session_id, question, pairs, base_model)
-        demo.tuneloop_turns_in_flight.add(turn_id)
+        # The conversation is the server's record of this session, never what the client sends.
+        earlier = (turns.conversation(db.get(), session_id, cfg.max_conversation_turns, cfg.max_history_bytes)
+                   if session_id else [])
+        pairs = [(t["question"], t["answer"]) for t in earlier]
         history, answer_turns = [], []
         for t in earlier:
             history += [{"role": "user", "content": _as_text(t["question"])},
                         {"role": "assistant", "content": _as_text(t["answer"])}]
             # The turn id of every chat message (None for questions), so a like on any answer finds its turn.
             answer_turns += [None, t["turn_id"]]
-        history += [{"role": "user", "content": _as_text(question)}, {"role": "assistant", "content": ""}]
+        asked = [{"role": "user", "content": _as_text(question)}] if question else []
+        if question:
+            # The question shows at once, with a typing mark, before the search and the first token.
+            yield history + asked + [_chat_note(TYPING)], "", session_id, None, answer_turns + [None, None]
+        try:
+            if not session_id:
+                session_id = turns.new_session(db.get(), "customer", _address(request), cfg.sessions_per_address_per_minute)
+            stream = service.answer(question, pairs)
+        except (turns.TooManySessions, BusyError, ChatError) as exc:
+            if isinstance(exc, BusyError):
+                metrics.busy_refusals.inc()
+            # In the page the refusal is the assistant's reply and the draft comes back to the box;
+            # an API caller still gets the error (visible=False only keeps the red toast away).
+            yield (history + asked + [_chat_note(str(exc))], message, session_id, None,
+                   answer_turns + [None] * (len(asked) + 1))
+            raise gr.Error(str(exc), visible=False, print_exception=False) from None
+        turn_id = turns.start_turn(db.get(), session_id, question, pairs, base_model)
+        demo.tuneloop_turns_in_flight.add(turn_id)
+        history += asked + [_chat_note(TYPING)]
         answer_turns += [None, turn_id]
-        status, error = "interrupted", None
+        status, error, failure = "interrupted", None, None
         try:
             for _piece in stream:
                 history[-1] = {"role": "assistant", "content": _as_text(stream.text)}
@@ -174,13 +185,20 @@ def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, bas
         except Exception as exc:
             failure = _internal_error(f"generation failed for turn {turn_id}")
             status, error = "error", f"{failure.message}: {exc.__class__.__name__}: {exc}"
-            raise failure from exc
         finally:
             # Runs also when the customer disconnects mid-answer (GeneratorExit): what was
             # streamed so far is kept, marked "interrupted".
             turns.finish_turn(db.get(), turn_id, stream.text, stream.stats, status, error)
             demo.tuneloop_turns_in_flight.discard(turn_id)
             metrics.observe(status, stream.stats)
+        history[-1] = {"role": "assistant", "content": _as_text(stream.text)}
+        if failure is not None:
+            # What streamed before the failure stays (it is logged); the apology follows it.
+            if not stream.text:
+                history.pop()
+                answer_turns.pop()
+            yield history + [_chat_note(failure.message)], "", session_id, turn_id, answer_turns + [None]
+            raise gr.Error(failure.message, visible=False, print_exception=False)
         yield history, "", session_id, turn_id, answer_turns
 
     @_shown
@@ -207,11 +225,17 @@ def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, bas
     session = gr.State(None)
     answer_turns = gr.State([])
     reason_turn = gr.State(None)
-    chatbot = gr.Chatbot(label="Chat", height=480, render_markdown=False, sanitize_html=True)
+    # The welcome and the example questions show while the chat is empty (Gradio hides both after
+    # the first message), so they are never part of the conversation or its turn ids.
+    chatbot = gr.Chatbot(label="Chat", height=480, render_markdown=False, sanitize_html=True,
+                         placeholder=html.escape(cfg.welcome) or None,
+                         examples=[{"text": question} for question in cfg.example_questions()] or None)
     last_turn = gr.Number(label="turn", visible=False, precision=0)
     with gr.Row():
         box = gr.Textbox(placeholder="Ask a question…", show_label=False, scale=8, max_lines=6)
         send = gr.Button("Send", variant="primary", scale=1)
+    if cfg.disclaimer.strip():
+        gr.Markdown(html.escape(cfg.disclaimer.strip()), elem_id="disclaimer")
     with gr.Row(visible=False) as reason_row:
         reason = gr.Textbox(
             label="What was wrong with this answer? (optional)", max_length=store.MAX_REASON_CHARS, scale=8
@@ -237,10 +261,27 @@ def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, bas
             # plus `max_queue` waiting and tells the rest, at once, to try again.
             concurrency_limit=service.in_flight_limit,
         )
+    # A click on an example question asks it, as if typed and sent.
+    chatbot.example_select(_example_text, None, box, api_visibility="private").then(
+        respond, inputs=[box, session], outputs=[chatbot, box, session, last_turn, answer_turns],
+        api_visibility="private", concurrency_id="chat", concurrency_limit=service.in_flight_limit,
+    )
     vote_button.click(vote, [vote_turn, vote_value, vote_reason, session], vote_note, api_name="vote")
     chatbot.like(vote_from_like, [answer_turns, session], [vote_note, reason_row, reason_turn], api_visibility="private")
     for trigger in (reason.submit, reason_send.click):
         trigger(send_reason, [reason, reason_turn, session], [vote_note, reason_row], api_visibility="private")
+
+
+def _chat_note(text: str) -> dict:
+    """An assistant message the server did not log: a refusal or an apology (or the typing mark)."""
+    if text == TYPING:
+        return {"role": "assistant", "content": "", "metadata": {"title": TYPING, "status": "pending"}}
+    return {"role": "assistant", "content": _as_text(text)}
+
+
+def _example_text(selected: gr.SelectData) -> str:
+    value = selected.value
+    return value.get("text", "") if isinstance(value, dict) else ""
 
 
 def _vote_note(result: dict) -> str:
@@ -473,6 +514,7 @@ def _references_text(references: list[dict]) -> str:
     blocks = []
     for ref in references:
         removed = " (removed since)" if ref["removed"] else ""
+        removed += " (given as the answer, word for word)" if ref.get("verbatim") else ""
         score = "-" if ref["score"] is None else f"{ref['score']:.2f}"
         blocks.append(f"[{ref['id']}] similarity {score}{removed}\nQ: {ref['question'] or '?'}\nA: {ref['answer'] or '?'}")
     return "\n\n".join(blocks)

@@ -23,6 +23,7 @@ from assistant import paths
 T = TypeVar("T")
 
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MAX_EXAMPLES = 4
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful, concise customer-support assistant. Answer in one to three sentences. "
     "If a question is outside what you can help with, say so politely and suggest contacting staff."
@@ -51,6 +52,12 @@ class ServeConfig:
     """The domain persona, sent as the system message of every chat and training example."""
     title: str = "tuneloop assistant"
     """Name shown at the top of the chat page."""
+    welcome: str = "Hello! Ask me a question and I will do my best to answer it."
+    """First message of the assistant in every new customer chat (a domain pack sets its own)."""
+    examples: str = ""
+    """Example questions offered in an empty customer chat, separated by '|' (at most 4; empty offers none)."""
+    disclaimer: str = "Answers may be wrong; staff review them."
+    """One line shown under the customer chat; empty shows none."""
     max_new_tokens: int = 96
     """Longest answer, in tokens."""
     temperature: float = 0.0
@@ -67,6 +74,10 @@ class ServeConfig:
     """Approved question/answer pairs put in the prompt when the base model serves (0 = none); an adapter uses what it was trained with."""
     retrieval_min_score: float = 0.4
     """Least cosine similarity between a pair's question and the customer's for the pair to be used (chosen by benchmarks/retrieval_threshold.py)."""
+    verbatim: bool = True
+    """Answer a question whose best reference is a near-certain match (similarity >= verbatim_min_score) to an approved question with that approved answer itself, without generating."""
+    verbatim_min_score: float = 0.9
+    """Similarity for a verbatim answer: curation's near-duplicate threshold, at which 9 in 10 question pairs ask the same thing."""
     concurrency: int = 4
     """Answers generated at once: llama_cpp decodes them together in one batch; transformers on CPU lets them take turns on the model's one thread, on CUDA runs them at once."""
     max_queue: int = 32
@@ -97,8 +108,11 @@ class ServeConfig:
     """Bearer token a scraper of /metrics must send; empty means /metrics answers only clients on this machine that did not come through a proxy."""
     drain_s: float = 30.0
     """On SIGTERM, seconds answers in flight may take to finish before the server stops (new questions are refused meanwhile)."""
+    log_format: str = "text"
+    """How the server logs: "text" for people, "json" for one JSON object per line (event, turn id, adapter, latency; never customer text)."""
 
     def __post_init__(self) -> None:
+        check(self.log_format in ("text", "json"), f"log_format must be 'text' or 'json', not {self.log_format!r}")
         check(self.quantization in ("nf4", "none"), f"quantization must be 'nf4' or 'none', not {self.quantization!r}")
         check(self.device in ("auto", "cpu", "cuda"), f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
         check(self.backend in BACKENDS, f"backend must be one of {', '.join(map(repr, BACKENDS))}, not {self.backend!r}")
@@ -111,6 +125,7 @@ class ServeConfig:
         check(0 <= self.max_history_turns <= 50, "max_history_turns must be between 0 and 50")
         check(0 <= self.retrieval_k <= 20, "retrieval_k must be between 0 (no references) and 20")
         check(0.0 <= self.retrieval_min_score <= 1.0, "retrieval_min_score must be between 0 and 1")
+        check(0.5 <= self.verbatim_min_score <= 1.0, "verbatim_min_score must be between 0.5 and 1 (set verbatim = false to turn it off)")
         check(1 <= self.concurrency <= 64, "concurrency must be between 1 and 64")
         check(0 <= self.max_queue <= 1000, "max_queue must be between 0 and 1000")
         check(0 < self.port < 65536, "port must be between 1 and 65535")
@@ -121,7 +136,12 @@ class ServeConfig:
                      "signin_hashes_per_minute", "signin_hashes_per_address_per_minute", "max_browser_sessions"):
             check(getattr(self, name) >= 1, f"{name} must be at least 1")
         check(bool(self.system_prompt.strip()), "system_prompt must not be empty")
+        check(len(self.example_questions()) <= MAX_EXAMPLES, f"examples: at most {MAX_EXAMPLES} questions, separated by '|'")
         check(0 <= self.drain_s <= 3600, "drain_s must be between 0 and 3600 seconds")
+
+    def example_questions(self) -> list[str]:
+        """The example questions of ``examples``, in order, blanks dropped."""
+        return [question.strip() for question in self.examples.split("|") if question.strip()]
 
 
 def check(condition: bool, message: str) -> None:

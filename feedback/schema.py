@@ -217,6 +217,23 @@ def m0005_knowledge(db: sqlite_utils.Database) -> None:
     db["turns"].add_column("sources", str)
 
 
+@migrations(name="0006_api_keys")
+def m0006_api_keys(db: sqlite_utils.Database) -> None:
+    # Keys of the bank's own channels for the OpenAI-compatible API (feedback.apikeys): the table
+    # holds only each key's sha256, so a copy of the database calls nothing. A revoked key keeps its
+    # row (revoked_at set) so its name is never silently reused for a different client.
+    db["api_keys"].create(
+        {"name": str, "key_hash": str, "per_minute": int, "created_at": str, "revoked_at": str, "last_used_at": str},
+        pk="name",
+        not_null={"key_hash", "per_minute", "created_at"},
+    )
+    db["api_keys"].create_index(["key_hash"], unique=True)
+    # The key a session was opened with (NULL for the web chat and the CLI): an API client's earlier
+    # answers are trusted only when they are this key's own logged turns, and votes go only to them.
+    db["sessions"].add_column("api_key", str)
+    db["sessions"].create_index(["api_key"])
+
+
 def apply(db: sqlite_utils.Database) -> None:
     """Bring ``db`` to the latest schema; applying twice changes nothing."""
     migrations.apply(db)

@@ -1,6 +1,9 @@
 -- index idx__sqlite_migrations_migration_set_name
 CREATE UNIQUE INDEX "idx__sqlite_migrations_migration_set_name"
     ON "_sqlite_migrations" ("migration_set", "name");
+-- index idx_api_keys_key_hash
+CREATE UNIQUE INDEX "idx_api_keys_key_hash"
+    ON "api_keys" ("key_hash");
 -- index idx_corrections_turn_id
 CREATE INDEX "idx_corrections_turn_id"
     ON "corrections" ("turn_id");
@@ -34,6 +37,9 @@ CREATE INDEX "idx_review_pairs_batch"
 -- index idx_sessions_address_created_at
 CREATE INDEX "idx_sessions_address_created_at"
     ON "sessions" ("address", "created_at");
+-- index idx_sessions_api_key
+CREATE INDEX "idx_sessions_api_key"
+    ON "sessions" ("api_key");
 -- index idx_signin_attempts_address_created_at
 CREATE INDEX "idx_signin_attempts_address_created_at"
     ON "signin_attempts" ("address", "created_at");
@@ -67,6 +73,15 @@ CREATE TABLE "_sqlite_migrations" (
    "migration_set" TEXT,
    "name" TEXT,
    "applied_at" TEXT
+);
+-- table api_keys
+CREATE TABLE "api_keys" (
+   "name" TEXT PRIMARY KEY,
+   "key_hash" TEXT NOT NULL,
+   "per_minute" INTEGER NOT NULL,
+   "created_at" TEXT NOT NULL,
+   "revoked_at" TEXT,
+   "last_used_at" TEXT
 );
 -- table corrections
 CREATE TABLE "corrections" (
@@ -198,7 +213,7 @@ CREATE TABLE "sessions" (
    "id" TEXT PRIMARY KEY,
    "kind" TEXT NOT NULL,
    "created_at" TEXT NOT NULL
-, "address" TEXT);
+, "address" TEXT, "api_key" TEXT);
 -- table signin_attempts
 CREATE TABLE "signin_attempts" (
    "id" INTEGER PRIMARY KEY,

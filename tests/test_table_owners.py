@@ -26,6 +26,7 @@ OWNERS = {
     "embeddings": "feedback.dedupe",
     "dataset_versions": "feedback.datasets",
     "knowledge": "feedback.knowledge",
+    "api_keys": "feedback.apikeys",
     # The staff view writes marks, and the app may import only assistant and feedback: both review
     # tables are feedback's (feedback.schema 0003_human_review); evals.review only picks the pairs.
     "review_pairs": "feedback.review",

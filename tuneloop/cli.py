@@ -19,41 +19,56 @@ from assistant.config import ConfigError, ServeConfig, add_arguments, as_dict, f
 
 # Modules with ``add_commands(subparsers)`` (and optionally ``status_fields() -> dict``).
 COMMAND_MODULES: list[str] = ["feedback.cli", "trainer.cli", "feedback.data_cli", "feedback.knowledge_cli", "evals.cli",
-                              "tuneloop.pipeline", "feedback.backup"]
+                              "tuneloop.pipeline", "feedback.backup", "feedback.apikeys"]
 
 
 def cmd_serve(args) -> int:
     """Serve the customer chat (and staff view) until stopped; SIGTERM or Ctrl-C lets answers in flight finish first ([serve] drain_s)."""
     import app
-    from assistant.chat import ChatService, make_backend, resolve_backend
+    from assistant import logs
+    from assistant.chat import ChatService, make_backend
     from feedback import privacy, turns
     from feedback.db import ThreadLocalDB
     from feedback.knowledge import KnowledgeIndex
 
     cfg = from_args(ServeConfig, "serve", args)
+    logs.configure(cfg.log_format, args.verbose)
+    # The server's own status lines: printed for people, one JSON event each for a log shipper.
+    say = (lambda text: print(text, flush=True)) if cfg.log_format == "text" else logging.getLogger("tuneloop").info
     privacy.load_config()  # a bad [privacy] table stops the start, not every answer
     backend = make_backend(cfg)
     db = ThreadLocalDB()
     service = ChatService(cfg, backend, references=KnowledgeIndex(db.get))
     demo = app.build_app(service, db, backend.base.model_id, title=cfg.title)
-    app.launch(demo, cfg.host, cfg.port, cfg.concurrency, block=False)
-    print(f"tuneloop: serving {cfg.base_model} ({cfg.quantization}, {resolve_backend(cfg)}) with adapter "
-          f"{backend.active or 'none (base model)'} at http://{cfg.host}:{cfg.port}", flush=True)
+    # Handlers before the port opens: a SIGTERM right after /readyz first says 200 must drain, not kill.
     stop = threading.Event()
+
+    def on_stop(*_):
+        service.draining = True  # /readyz 503 and new questions refused at once, even mid-start
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, on_stop)
+    app.launch(demo, cfg.host, cfg.port, cfg.concurrency, block=False)
+    say(f"tuneloop: serving {cfg.base_model} ({cfg.quantization}, {getattr(backend, 'name', cfg.backend)}) with adapter "
+        f"{backend.active or 'none (base model)'} at http://{cfg.host}:{cfg.port}")
     while not stop.wait(1.0):  # wakes each second to let the signal handler run
         pass
     # Drain: /readyz turns 503 and new questions are refused; answers in flight get drain_s to end.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
     service.draining = True
-    print(f"tuneloop: draining {service.in_flight} answer(s), up to {cfg.drain_s:g} s", flush=True)
+    say(f"tuneloop: draining {service.in_flight} answer(s), up to {cfg.drain_s:g} s")
     drained = service.wait_idle(cfg.drain_s)
     cut = turns.mark_interrupted(db.get(), sorted(demo.tuneloop_turns_in_flight))
-    demo.close()
+    import contextlib
+    import io
+
+    # Gradio prints a plain "Closing server" line on close, which would break a JSON log's one object per line.
+    with contextlib.redirect_stdout(io.StringIO()) if cfg.log_format == "json" else contextlib.nullcontext():
+        demo.close()
     db.get().conn.close()
-    print(f"tuneloop: stopped ({'all answers finished' if drained else f'{cut} answer(s) cut off'})", flush=True)
+    say(f"tuneloop: stopped ({'all answers finished' if drained else f'{cut} answer(s) cut off'})")
     return 0
 
 
@@ -126,6 +141,8 @@ def cmd_status(args) -> int:
         print(json.dumps(payload, indent=2))
     else:
         for key, value in payload.items():
+            if key == "current_adapter" and value is None:
+                value = "none promoted yet: the base model answers (`tuneloop retrain` trains and gates one)"
             print(f"{key:>16}: {value}")
     return 0
 
