@@ -12,7 +12,8 @@ IMMEDIATE transaction, so concurrent attempts cannot all pass a check only one o
 
 A successful sign-in creates a row in ``staff_sessions`` and returns a random token for an HttpOnly
 cookie; the table keeps only the token's sha256. Sessions expire, and end on sign-out, password
-change (``add_staff`` again) and :func:`disable_staff`.
+change (``add_staff`` again or :func:`set_password`), :func:`disable_staff` and :func:`remove_staff`.
+:func:`unlock_staff` clears a name's backoff (from every address) without deleting the record.
 """
 
 from __future__ import annotations
@@ -117,10 +118,7 @@ def add_staff(db: sqlite_utils.Database, name: str, password: str) -> str:
     A reset ends every session of that user: whoever signed in with the old password is out.
     """
     name = check_name(name)
-    if not is_storable(password):
-        raise AuthError(f"The password {NOT_STORABLE}.")
-    if not MIN_PASSWORD_CHARS <= len(password) <= MAX_PASSWORD_CHARS:
-        raise AuthError(f"A password is {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters long.")
+    _check_password(password)
     hashed = hash_password(password)
     with _transaction(db):
         # Sessions first: sqlite-utils commits at its own write, which must be the last statement.
@@ -131,6 +129,13 @@ def add_staff(db: sqlite_utils.Database, name: str, password: str) -> str:
     return name
 
 
+def _check_password(password: str) -> None:
+    if not is_storable(password):
+        raise AuthError(f"The password {NOT_STORABLE}.")
+    if not MIN_PASSWORD_CHARS <= len(password) <= MAX_PASSWORD_CHARS:
+        raise AuthError(f"A password is {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters long.")
+
+
 def disable_staff(db: sqlite_utils.Database, name: str) -> int:
     """Disable staff user ``name`` and end all their sessions; returns the sessions ended."""
     name = check_name(name)
@@ -139,6 +144,62 @@ def disable_staff(db: sqlite_utils.Database, name: str) -> int:
             raise AuthError(f"There is no staff user {name!r}.")
         db.execute("UPDATE staff_users SET disabled = 1 WHERE name = ?", [name])
         return db.execute("DELETE FROM staff_sessions WHERE name = ?", [name]).rowcount
+
+
+def enable_staff(db: sqlite_utils.Database, name: str) -> str:
+    """Enable disabled staff user ``name`` again with their old password; returns the name."""
+    name = check_name(name)
+    with _transaction(db):
+        if db.execute("UPDATE staff_users SET disabled = 0 WHERE name = ?", [name]).rowcount == 0:
+            raise AuthError(f"There is no staff user {name!r}.")
+    return name
+
+
+def set_password(db: sqlite_utils.Database, name: str, password: str) -> int:
+    """Give existing staff user ``name`` a new password and end all their sessions; returns the sessions ended.
+
+    Unlike :func:`add_staff` it never creates a user and leaves a disabled user disabled.
+    """
+    name = check_name(name)
+    _check_password(password)
+    hashed = hash_password(password)
+    with _transaction(db):
+        if db.execute("UPDATE staff_users SET password_hash = ? WHERE name = ?", [hashed, name]).rowcount == 0:
+            raise AuthError(f"There is no staff user {name!r}.")
+        return db.execute("DELETE FROM staff_sessions WHERE name = ?", [name]).rowcount
+
+
+def remove_staff(db: sqlite_utils.Database, name: str) -> int:
+    """Delete staff user ``name`` and their sessions; returns the sessions ended.
+
+    Refused when they have saved corrections, approvals or examples: the gold data keeps who wrote
+    it, so such a member can only be disabled.
+    """
+    name = check_name(name)
+    with _transaction(db):
+        if db.execute("SELECT 1 FROM staff_users WHERE name = ?", [name]).fetchone() is None:
+            raise AuthError(f"There is no staff user {name!r}.")
+        written = db.execute("SELECT count(*) FROM corrections WHERE staff_user = ?", [name]).fetchone()[0]
+        if written:
+            raise AuthError(f"{name} wrote {written} correction(s), approval(s) or example(s), which keep their "
+                            f"name; use `tuneloop staff disable {name}` instead.")
+        ended = db.execute("DELETE FROM staff_sessions WHERE name = ?", [name]).rowcount
+        db.execute("DELETE FROM staff_users WHERE name = ?", [name])
+        return ended
+
+
+def unlock_staff(db: sqlite_utils.Database, name: str) -> int:
+    """Clear the sign-in backoff of ``name`` from every address; returns the failures forgiven.
+
+    The failures stay in ``signin_attempts`` (they still count against the per-minute hash
+    budgets); only the backoff, which counts failures after the last unlock, starts again.
+    """
+    name = check_name(name)
+    with _transaction(db):
+        if db.execute("SELECT 1 FROM staff_users WHERE name = ?", [name]).fetchone() is None:
+            raise AuthError(f"There is no staff user {name!r}.")
+        # ok = 2: a failure staff have forgiven (see _backoff_left, which counts only ok = 0).
+        return db.execute("UPDATE signin_attempts SET ok = 2 WHERE name = ? AND ok = 0", [name]).rowcount
 
 
 def list_staff(db: sqlite_utils.Database) -> list[dict]:

@@ -14,13 +14,9 @@ from feedback.db import connect
 
 def cmd_staff_add(args) -> int:
     """Create a staff user (or reset their password); the password is read from stdin or a prompt."""
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = getpass.getpass(f"Password for {args.name}: ")
-        if getpass.getpass("Repeat the password: ") != password:
-            print("tuneloop staff add: the passwords differ; nothing changed", file=sys.stderr)
-            return 2
+    password = _read_password("add", args)
+    if password is None:
+        return 2
     try:
         name = auth.add_staff(connect(), args.name, password)
     except auth.AuthError as exc:
@@ -38,6 +34,49 @@ def cmd_staff_disable(args) -> int:
         print(f"tuneloop staff disable: {exc}", file=sys.stderr)
         return 2
     print(f"staff user {args.name} disabled; {ended} session(s) ended")
+    return 0
+
+
+def cmd_staff_enable(args) -> int:
+    """Enable a disabled staff user again; their old password works again."""
+    return _staff_action("enable", lambda db: f"staff user {auth.enable_staff(db, args.name)} enabled")
+
+
+def cmd_staff_remove(args) -> int:
+    """Delete a staff user and end their sessions; refused when they wrote corrections (disable them instead)."""
+    return _staff_action("remove", lambda db: f"staff user {args.name} removed; {auth.remove_staff(db, args.name)} session(s) ended")
+
+
+def cmd_staff_unlock(args) -> int:
+    """Clear a staff user's sign-in backoff after failed attempts, from every address."""
+    return _staff_action("unlock", lambda db: f"staff user {args.name} unlocked; {auth.unlock_staff(db, args.name)} failed sign-in(s) forgiven")
+
+
+def cmd_staff_passwd(args) -> int:
+    """Change an existing staff user's password (from stdin or a prompt) and end all their sessions."""
+    password = _read_password("passwd", args)
+    if password is None:
+        return 2
+    return _staff_action("passwd", lambda db: f"password of {args.name} changed; {auth.set_password(db, args.name, password)} session(s) ended")
+
+
+def _read_password(command: str, args) -> str | None:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    password = getpass.getpass(f"Password for {args.name}: ")
+    if getpass.getpass("Repeat the password: ") != password:
+        print(f"tuneloop staff {command}: the passwords differ; nothing changed", file=sys.stderr)
+        return None
+    return password
+
+
+def _staff_action(command: str, action) -> int:
+    try:
+        message = action(connect())
+    except auth.AuthError as exc:
+        print(f"tuneloop staff {command}: {exc}", file=sys.stderr)
+        return 2
+    print(message)
     return 0
 
 
@@ -100,6 +139,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q = staff_sub.add_parser("disable", help=cmd_staff_disable.__doc__, description=cmd_staff_disable.__doc__)
     q.add_argument("name", help="the staff name to disable")
     q.set_defaults(handler=cmd_staff_disable)
+    q = staff_sub.add_parser("enable", help=cmd_staff_enable.__doc__, description=cmd_staff_enable.__doc__)
+    q.add_argument("name", help="the staff name to enable")
+    q.set_defaults(handler=cmd_staff_enable)
+    q = staff_sub.add_parser("remove", help=cmd_staff_remove.__doc__, description=cmd_staff_remove.__doc__)
+    q.add_argument("name", help="the staff name to delete")
+    q.set_defaults(handler=cmd_staff_remove)
+    q = staff_sub.add_parser("unlock", help=cmd_staff_unlock.__doc__, description=cmd_staff_unlock.__doc__)
+    q.add_argument("name", help="the staff name whose sign-in backoff to clear")
+    q.set_defaults(handler=cmd_staff_unlock)
+    q = staff_sub.add_parser("passwd", help=cmd_staff_passwd.__doc__, description=cmd_staff_passwd.__doc__)
+    q.add_argument("name", help="an existing staff name")
+    q.add_argument("--password-stdin", action="store_true", help="read the new password from the first line of stdin instead of prompting")
+    q.set_defaults(handler=cmd_staff_passwd)
     q = staff_sub.add_parser("list", help=cmd_staff_list.__doc__, description=cmd_staff_list.__doc__)
     q.add_argument("--json", action="store_true", help="print as JSON")
     q.set_defaults(handler=cmd_staff_list)

@@ -34,6 +34,8 @@ class Pack:
     """The products and their facts (``catalog.json``), indexed as passages by feedback.knowledge."""
     bank: dict = field(default_factory=dict)
     """Facts about the business itself (phone, hours, ...) from ``pack.json``."""
+    chat: dict = field(default_factory=dict)
+    """The customer chat's ``welcome``, ``examples`` (a list) and ``disclaimer`` from ``pack.json``; each optional."""
 
 
 def load_pack(name: str = DEFAULT_PACK) -> Pack:
@@ -50,6 +52,7 @@ def load_pack(name: str = DEFAULT_PACK) -> Pack:
         general_file=folder / files["general"],
         catalog_file=folder / files["catalog"] if "catalog" in files else None,
         bank=dict(meta.get("bank", {})),
+        chat=dict(meta.get("chat", {})),
     )
 
 
@@ -60,8 +63,9 @@ def read_passages(file: Path) -> list[str]:
 
 
 def install_persona(pack: Pack) -> bool:
-    """Make the pack's persona the served system prompt and its title the app's title, unless the
-    config file already sets them. Returns whether the config file changed.
+    """Make the pack's persona the served system prompt, its title the app's title, and its chat
+    welcome, example questions and disclaimer those of the customer chat, unless the config file
+    already sets them. Returns whether the config file changed.
 
     The file is edited with tomlkit, so the user's comments, layout and other tables stay as written.
     """
@@ -75,6 +79,9 @@ def install_persona(pack: Pack) -> bool:
     if not isinstance(serve, dict):
         raise ConfigError(f"{file}: 'serve' must be a table ([serve] followed by 'name = value' lines)")
     wanted = {"system_prompt": pack.persona, "title": pack.title + " assistant"}
+    wanted |= {key: pack.chat[key] for key in ("welcome", "disclaimer") if key in pack.chat}
+    if "examples" in pack.chat:
+        wanted["examples"] = " | ".join(pack.chat["examples"])  # [serve] examples: one string, '|' between
     missing = {key: value for key, value in wanted.items() if key not in serve}
     if not missing:
         return False

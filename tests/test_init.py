@@ -70,11 +70,13 @@ def test_init_installs_the_persona_around_the_users_comments_and_tables(tiny_mod
     file.write_text(USER_CONFIG)
     assert cli.main(["init", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["persona_installed"]
-    persona = json.dumps(packs.load_pack().persona)
+    persona, chat = json.dumps(packs.load_pack().persona), packs.load_pack().chat
+    chat_lines = (f"welcome = {json.dumps(chat['welcome'])}\ndisclaimer = {json.dumps(chat['disclaimer'])}\n"
+                  f"examples = {json.dumps(' | '.join(chat['examples']))}\n")
     # The settings go after the user's last [serve] setting; the comment about [train] stays with it.
     assert file.read_text() == USER_CONFIG.replace(
         "port = 9000  # behind the proxy\n",
-        f'port = 9000  # behind the proxy\nsystem_prompt = {persona}\ntitle = "Peach State Bank assistant"\n',
+        f'port = 9000  # behind the proxy\nsystem_prompt = {persona}\ntitle = "Peach State Bank assistant"\n{chat_lines}',
     )
     cfg = load(ServeConfig, "serve")
     assert (cfg.port, cfg.system_prompt, cfg.title) == (9000, packs.load_pack().persona, "Peach State Bank assistant")
@@ -105,7 +107,8 @@ def test_persona_install_keeps_every_other_line_and_quotes_any_text(text, tunelo
     serve = tomllib.loads(written)["serve"]
     assert (serve["system_prompt"], serve["title"]) == (pack.persona, "Ünïcode [serve] assistant")
     before, after = tomllib.loads(text), tomllib.loads(written)
-    after["serve"] = {k: v for k, v in after["serve"].items() if k not in ("system_prompt", "title")}
+    installed = ("system_prompt", "title", "welcome", "disclaimer", "examples")
+    after["serve"] = {k: v for k, v in after["serve"].items() if k not in installed}
     assert after == before | {"serve": before.get("serve", {})}
     # Every line the user wrote is still there, comments included, in order.
     lines = iter(written.splitlines())
