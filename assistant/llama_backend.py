@@ -302,6 +302,15 @@ def _generation_config(base_path: str):
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos]), generation
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt's token ids: the call ``TransformersBackend`` makes, as a list (the llama_cpp and
+    vllm backends hand their engines token ids, never text)."""
+    encoded = tokenizer.apply_chat_template(
+        without_special_tokens(messages, tokenizer), add_generation_prompt=True, return_dict=True
+    )
+    return list(encoded["input_ids"])
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     count = 0
     for x, y in zip(a, b):
@@ -616,11 +625,7 @@ class LlamaCppBackend:
         return self.engine.n_vocab
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """The prompt's token ids: the call ``TransformersBackend`` makes, as a list."""
-        encoded = self.tokenizer.apply_chat_template(
-            without_special_tokens(messages, self.tokenizer), add_generation_prompt=True, return_dict=True
-        )
-        return list(encoded["input_ids"])
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def count_tokens(self, messages: list[dict]) -> int:
         return len(self.prompt_ids(messages)) + self._hint_tokens

@@ -23,8 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from assistant import adapters
-from assistant.chat import AnswerStats, _PointerWatch, _SwapGate, follow_pointer, without_special_tokens
+from assistant.chat import AnswerStats, _PointerWatch, _SwapGate, follow_pointer
 from assistant.config import ConfigError, ServeConfig
+from assistant.llama_backend import _generation_config, chat_prompt_ids
 
 _DONE = object()
 
@@ -79,7 +80,6 @@ class VllmBackend:
         from transformers import AutoTokenizer
 
         from assistant import model as base_model
-        from assistant.llama_backend import _generation_config
 
         self.cfg = cfg
         self.base = base_model.prepare(cfg.base_model)
@@ -114,10 +114,7 @@ class VllmBackend:
         return int(self.base_config.get("max_position_embeddings", 2048))
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        encoded = self.tokenizer.apply_chat_template(
-            without_special_tokens(messages, self.tokenizer), add_generation_prompt=True, return_dict=True
-        )
-        return list(encoded["input_ids"])
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def count_tokens(self, messages: list[dict]) -> int:
         return len(self.prompt_ids(messages)) + self._hint_tokens
