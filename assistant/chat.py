@@ -371,6 +371,19 @@ class _PointerWatch:
         return True
 
 
+def init_swap_state(backend) -> None:
+    """What :func:`follow_pointer` reads and writes, as a backend starts: nothing active yet
+    (``active`` None, ``hints`` None: the active adapter's topic hints, ``_hint_tokens`` 0), no
+    ``last_error``, and its own gate, pointer watch and swap lock."""
+    backend.active = None
+    backend.hints = None
+    backend._hint_tokens = 0
+    backend.last_error = None
+    backend._gate = _SwapGate()
+    backend._watch = _PointerWatch()
+    backend._swap_lock = threading.Lock()
+
+
 def follow_pointer(backend) -> None:
     """Make ``backend`` serve the adapter the pointer names, if that changed: the hot swap both real
     backends share. A refused adapter leaves the previous one serving and is reported in the
@@ -416,14 +429,7 @@ class TransformersBackend:
         self.base = base_model.prepare(cfg.base_model)
         self.tokenizer, self.model = self.on_model_thread(base_model.load_base, self.base, cfg.quantization, cfg.device)
         self.peft = None
-        self.active: str | None = None
-        self.hints = None
-        """The active adapter's topic hints (assistant.hints), None for the base or an adapter without."""
-        self._hint_tokens = 0
-        self.last_error: str | None = None
-        self._gate = _SwapGate()
-        self._watch = _PointerWatch()
-        self._swap_lock = threading.Lock()
+        init_swap_state(self)
         self.sync_adapter()
 
     def on_model_thread(self, fn: Callable, *args, **kwargs):

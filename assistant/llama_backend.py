@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from assistant import adapters, paths
-from assistant.chat import AnswerStats, _PointerWatch, _SwapGate, follow_pointer, without_special_tokens
+from assistant.chat import AnswerStats, _PointerWatch, follow_pointer, init_swap_state, without_special_tokens
 from assistant.config import DEFAULT_BASE_MODEL, ServeConfig
 
 log = logging.getLogger(__name__)
@@ -604,14 +604,7 @@ class LlamaCppBackend:
         n_ctx = max(self.context_window, 512 * cfg.concurrency) + cfg.max_new_tokens
         self.engine = _Engine(self.gguf, cfg.concurrency, n_ctx, self._choose, cfg.max_new_tokens, lambda token: token in self.eos_ids)
         self._lora = None
-        self.active: str | None = None
-        self.hints = None
-        """The active adapter's topic hints (assistant.hints), None for the base or an adapter without."""
-        self._hint_tokens = 0
-        self.last_error: str | None = None
-        self._gate = _SwapGate()
-        self._watch = _PointerWatch()
-        self._swap_lock = threading.Lock()
+        init_swap_state(self)
         # The system turn every customer's prompt starts with, decoded once per adapter.
         probes = [self.prompt_ids([{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": q}]) for q in ("a", "b")]
         self.on_model_thread(self.engine.set_prefix, probes[0][: _common_prefix(*probes)])

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from assistant import adapters
-from assistant.chat import AnswerStats, _PointerWatch, _SwapGate, follow_pointer
+from assistant.chat import AnswerStats, follow_pointer, init_swap_state
 from assistant.config import ConfigError, ServeConfig
 from assistant.llama_backend import _generation_config, chat_prompt_ids
 
@@ -93,13 +93,7 @@ class VllmBackend:
         self.engine = self._call(self._make(AsyncLLM, args))
         self._loras = LoraRequests()
         self._lora_request = None
-        self.active: str | None = None
-        self.hints = None
-        self._hint_tokens = 0
-        self.last_error: str | None = None
-        self._gate = _SwapGate()
-        self._watch = _PointerWatch()
-        self._swap_lock = threading.Lock()
+        init_swap_state(self)
         self.sync_adapter()
 
     @staticmethod
