@@ -342,3 +342,39 @@ def test_a_near_certain_match_to_an_approved_question_is_answered_with_the_appro
     passage = Ref(1, "Coin counter", "Coin counter: $7.50 per use.", 0.99)
     passage.source = "catalog"
     assert ChatService(ServeConfig(), ScriptedBackend(), references=Fixed([passage])).answer("coin counter").stats.verbatim is None
+
+
+@pytest.mark.slow
+def test_a_staff_correction_answers_a_paraphrase_in_another_session_before_any_retrain(tuneloop_home):
+    """The real model on the default backend, the real app: staff correct an answer with a new fact
+    through the app's API; a customer in another session asking it in other words gets the new
+    fact at once, no retrain. A looser paraphrase (similarity 0.74) is answered by the model with
+    the correction among its references."""
+    import app
+    from assistant.chat import make_backend
+    from assistant.config import load
+    from feedback import packs
+    from test_app import STAFF_PASSWORD, Served, free_port
+
+    packs.install_persona(packs.load_pack())
+    auth.add_staff(connect(), "alice", STAFF_PASSWORD)
+    cfg = load(ServeConfig, "serve")
+    backend = make_backend(cfg)
+    local = ThreadLocalDB()
+    demo = app.build_app(ChatService(cfg, backend, references=knowledge.KnowledgeIndex(local.get)), local, backend.base.model_id)
+    _, url, _ = app.launch(demo, "127.0.0.1", free_port(), cfg.concurrency, block=False)
+    try:
+        served = Served(url.rstrip("/"), None, demo)
+        _history, _box, wrong = served.client().predict("How much does the Peach coin counter cost per visit?", api_name="/chat")
+        fact = "The Peach coin counter costs $3.75 per visit."
+        assert "saved" in served.staff_client().predict(int(wrong), fact, "", api_name="/correct")
+        customer = served.client()  # another session
+        _history, _box, turn = customer.predict("How much is the Peach coin counter per visit?", api_name="/chat")
+        answer, sources = served.rows("SELECT answer, sources FROM turns WHERE id = ?", [int(turn)])[0]
+        assert "$3.75" in answer and json.loads(sources)[0].get("verbatim")
+        _history, _box, loose = customer.predict("Is there a charge to use the Peach coin counter?", api_name="/chat")
+        (sources,) = served.rows("SELECT sources FROM turns WHERE id = ?", [int(loose)])[0]
+        corrected = {e["id"] for e in knowledge.entries(connect()) if e["answer"] == fact}
+        assert corrected & {s["id"] for s in json.loads(sources)}
+    finally:
+        demo.close()
