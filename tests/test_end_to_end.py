@@ -68,7 +68,11 @@ def retrain(max_steps: int, capsys) -> dict:
         # adapters wins on 30 questions is noise. This test is about the loop, not the recipe
         # (benchmarks/pack_result.py measures replay on the whole pack).
         train=TrainConfig(max_steps=max_steps, eval_steps=max(10, max_steps // 3), replay=0.0, progress=False),
-        gate=GateConfig(max_p_not_better=0.5),
+        # This home has the pack's questions but not its catalog, and no references are served: every
+        # figure an adapter learnt from the pack's answers is in no prompt or catalog, so the
+        # invented-facts check would refuse any adapter (CI, 2026-12-05: 0.467 vs the base's 0.267,
+        # with label F1 0.754 vs 0.513). tests/test_gate.py covers that check.
+        gate=GateConfig(max_p_not_better=0.5, max_unsupported_rise=1.0),
     )
     with capsys.disabled():  # the figures show in every run's output, passed or not
         print("\nretrain:", json.dumps({k: result.get(k) for k in ("candidate", "promoted", "reasons", "f1", "seconds")}))
