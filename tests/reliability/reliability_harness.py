@@ -357,7 +357,9 @@ def server_kill_round(home: Path, customers: int = 8, votes_before_kill: int = 1
     running = start_server(home, delay_s=0.05)
     ledgers: list[Ledger] = []
     # About 950 words, answered at 0.05 s a word: still streaming when the kill comes.
-    long_question = f"please explain {time.monotonic_ns()} " + " ".join(["w"] * 950)
+    # A marker of letters: a run of digits could be redacted as a card or phone number before storage.
+    marker = "".join(chr(ord("a") + int(digit)) for digit in str(time.monotonic_ns()))
+    long_question = f"please explain {marker} " + " ".join(["w"] * 950)
     try:
         streamer = client(running.url)
         streamer.submit(long_question, api_name="/chat")
