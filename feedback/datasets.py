@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -128,6 +129,57 @@ def write_snapshot(db: sqlite_utils.Database, version: str, files: dict[str, byt
             "created_at": manifest["created_at"],
         })
     return final
+
+
+def erase_rows(db: sqlite_utils.Database, row_ids: set[str], erased_at: str) -> list[str]:
+    """Take the rows ``row_ids`` (``"turns:3"``, ``"corrections:7"``) out of every snapshot that holds
+    them, so no copy of their text stays on disk; returns the versions rewritten.
+
+    The split files are replaced first, then the manifest (row ids, counts and file hashes of what
+    is left, and an ``erased`` entry with the ids and time, never the text), each with ``os.replace``,
+    then the version's row in ``dataset_versions``. A snapshot changed this way has a new manifest
+    hash, so the next retrain does not take it for one it already trained on.
+    """
+    rewritten = []
+    for folder in snapshots() if row_ids else []:
+        splits = {split: load_split(folder, split) for split in SPLITS}
+        if not any(row["id"] in row_ids for rows in splits.values() for row in rows):
+            continue
+        manifest = load_manifest(folder)
+        erased = {split: [row["id"] for row in rows if row["id"] in row_ids] for split, rows in splits.items()}
+        splits = {split: [row for row in rows if row["id"] not in row_ids] for split, rows in splits.items()}
+        files = {f"{split}.jsonl": render_split(rows) for split, rows in splits.items()}
+        for name, data in files.items():
+            _replace_file(folder / name, data)
+        for split, rows in splits.items():
+            manifest["files"][f"{split}.jsonl"] = {"sha256": sha256_bytes(files[f"{split}.jsonl"]), "rows": len(rows)}
+            manifest["counts"][split] = len(rows)
+            manifest["row_ids"][split] = [row["id"] for row in rows]
+            manifest["by_source"][split] = _tally(row["source"] for row in rows)
+            manifest["by_label"][split] = _tally(row["label"] or "(none)" for row in rows)
+            added = manifest.get("changes", {}).get("added", {})
+            if split in added:
+                added[split] = [row_id for row_id in added[split] if row_id not in row_ids]
+        manifest["dropped_rows"] = {k: v for k, v in manifest.get("dropped_rows", {}).items() if k not in row_ids}
+        manifest.setdefault("erased", []).append({"at": erased_at, "row_ids": erased})
+        manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+        _replace_file(folder / "manifest.json", manifest_bytes)
+        with db.conn:  # a hand-made snapshot folder has no row, and needs none
+            db.execute("UPDATE dataset_versions SET manifest_sha256 = ?, train = ?, val = ?, test = ? WHERE version = ?",
+                       [sha256_bytes(manifest_bytes), *(manifest["counts"][split] for split in SPLITS), folder.name])
+        rewritten.append(folder.name)
+    return rewritten
+
+
+def _tally(values) -> dict[str, int]:
+    return dict(sorted(Counter(values).items()))
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` beside ``path`` and rename it over it: a reader sees the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    _write_file(tmp, data)
+    os.replace(tmp, path)
 
 
 def _write_file(path: Path, data: bytes) -> None:

@@ -108,6 +108,13 @@ class EmbeddingCache:
             )
 
 
+def forget(db: sqlite_utils.Database, questions: list[str]) -> None:
+    """Delete the cached embeddings of these questions (every model's); a question asked again is
+    embedded again. Runs in the caller's transaction (:func:`feedback.privacy.erase`)."""
+    keys = {hashlib.sha256(embedding_text(q).encode("utf-8")).hexdigest() for q in questions}
+    db.conn.executemany("delete from embeddings where hash = ?", [(key,) for key in sorted(keys)])
+
+
 def nearest(queries: np.ndarray, refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each query row, the highest cosine similarity to any reference row and its index."""
     if len(refs) == 0 or len(queries) == 0:

@@ -114,6 +114,12 @@ def remove(db: sqlite_utils.Database, entry_id: int) -> dict:
     return found[0]
 
 
+def erase_entries(db: sqlite_utils.Database, source_ids: list[str]) -> None:
+    """Delete the entries made from these rows (``"corrections:7"``), removed ones included: unlike
+    :func:`remove`, nothing of the text stays. Runs in the caller's transaction (:func:`feedback.privacy.erase`)."""
+    db.conn.executemany("delete from knowledge where source_id = ?", [(source_id,) for source_id in source_ids])
+
+
 def entries(db: sqlite_utils.Database, entry_id: int | None = None, include_removed: bool = False) -> list[dict]:
     """Entries, oldest first: ``{"id", "source", "source_id", "question", "answer", "label", "created_at", "removed_at"}``."""
     where, params = ["1"], []

@@ -234,6 +234,28 @@ def m0006_api_keys(db: sqlite_utils.Database) -> None:
     db["sessions"].create_index(["api_key"])
 
 
+@migrations(name="0007_erasures")
+def m0007_erasures(db: sqlite_utils.Database) -> None:
+    # Each erasure of customer text (feedback.privacy): what was erased (ids), when and by whom,
+    # never the text. ``row_ids`` are the dataset row ids ("turns:3", "corrections:7") it removed,
+    # so the adapters trained on snapshots that held them can be named until a retrain replaces them.
+    db["erasures"].create(
+        {
+            "id": int,
+            "kind": str,
+            "target": str,
+            "turn_ids": str,
+            "row_ids": str,
+            "snapshots": str,
+            "erased_by": str,
+            "created_at": str,
+        },
+        pk="id",
+        not_null={"kind", "turn_ids", "row_ids", "snapshots", "created_at"},
+    )
+    db["erasures"].create_index(["created_at"])
+
+
 def apply(db: sqlite_utils.Database) -> None:
     """Bring ``db`` to the latest schema; applying twice changes nothing."""
     migrations.apply(db)

@@ -320,6 +320,20 @@ def export_jsonl(db: sqlite_utils.Database, system_prompt: str, include_thumbs_u
         yield json.dumps(chat_example(system_prompt, row["question"], row["answer"]), ensure_ascii=False)
 
 
+def corrections_of(db: sqlite_utils.Database, turn_ids: list[int]) -> list[dict]:
+    """``{"id", "question"}`` of every correction and approval of these turns."""
+    marks = ", ".join("?" * len(turn_ids))
+    return [{"id": r[0], "question": r[1]} for r in db.execute(
+        f"SELECT id, question FROM corrections WHERE turn_id IN ({marks}) ORDER BY id", turn_ids)] if turn_ids else []
+
+
+def erase_feedback(db: sqlite_utils.Database, turn_ids: list[int]) -> None:
+    """Delete the votes (with their reasons) and the corrections and approvals of these turns, before
+    the turns themselves go (:func:`feedback.privacy.erase`); runs in the caller's transaction."""
+    db.conn.executemany("DELETE FROM votes WHERE turn_id = ?", [(turn_id,) for turn_id in turn_ids])
+    db.conn.executemany("DELETE FROM corrections WHERE turn_id = ?", [(turn_id,) for turn_id in turn_ids])
+
+
 def _require_staff(db: sqlite_utils.Database, staff_user: str | None) -> None:
     if not auth.is_staff(db, staff_user):
         raise auth.AuthError("Staff only: this needs a signed-in, enabled staff user.")

@@ -116,6 +116,20 @@ def start_turn(db: sqlite_utils.Database, session_id: str, question: str, histor
 def finish_turn(db: sqlite_utils.Database, turn_id: int, answer: str, stats, status: str = "complete", error: str | None = None) -> None:
     """Store the answer with the adapter that produced it, the references it was given, latency and
     token counts."""
+    try:
+        _store_answer(db, turn_id, answer, stats, status, error)
+    except sqlite_utils.db.NotFoundError:
+        # Erased (feedback.privacy) while it streamed: the erasure wins, the answer is not stored.
+        log.info("turn erased before its answer was stored", extra={"turn_id": turn_id})
+        return
+    # The event a JSON log ships per answer (assistant.logs): ids and timings, never the text.
+    log.info("turn finished", extra={
+        "turn_id": turn_id, "adapter": stats.adapter, "status": status, "latency_s": round(stats.latency_s, 4),
+        "first_token_s": None if stats.first_token_s is None else round(stats.first_token_s, 4),
+        "tokens_in": stats.tokens_in, "tokens_out": stats.tokens_out})
+
+
+def _store_answer(db: sqlite_utils.Database, turn_id: int, answer: str, stats, status: str, error: str | None) -> None:
     with db.conn:
         db["turns"].update(
             turn_id,
@@ -135,11 +149,6 @@ def finish_turn(db: sqlite_utils.Database, turn_id: int, answer: str, stats, sta
                 "finished_at": now(),
             },
         )
-    # The event a JSON log ships per answer (assistant.logs): ids and timings, never the text.
-    log.info("turn finished", extra={
-        "turn_id": turn_id, "adapter": stats.adapter, "status": status, "latency_s": round(stats.latency_s, 4),
-        "first_token_s": None if stats.first_token_s is None else round(stats.first_token_s, 4),
-        "tokens_in": stats.tokens_in, "tokens_out": stats.tokens_out})
 
 
 def mark_interrupted(db: sqlite_utils.Database, turn_ids: list[int]) -> int:
@@ -154,3 +163,42 @@ def mark_interrupted(db: sqlite_utils.Database, turn_ids: list[int]) -> int:
             [now(), *turn_ids],
         )
     return cursor.rowcount
+
+
+def session_turn_ids(db: sqlite_utils.Database, session_id: str) -> list[int] | None:
+    """Ids of the session's turns, oldest first; None when there is no such session."""
+    if db.execute("SELECT 1 FROM sessions WHERE id = ?", [session_id]).fetchone() is None:
+        return None
+    return [row[0] for row in db.execute("SELECT id FROM turns WHERE session_id = ? ORDER BY id", [session_id])]
+
+
+def erase_turns(db: sqlite_utils.Database, turn_ids: list[int]) -> None:
+    """Delete turns (their votes and corrections must be gone first: :func:`feedback.store.erase_feedback`)
+    and take their question/answer pairs out of the ``history`` of the turns that remain: a later
+    turn of the same conversation, or of another session of the same API key, holds them there.
+    Runs in the caller's transaction (:func:`feedback.privacy.erase`)."""
+    if not turn_ids:
+        return
+    marks = ", ".join("?" * len(turn_ids))
+    erased = {(q, a or "") for q, a in db.execute(f"SELECT question, answer FROM turns WHERE id IN ({marks})", turn_ids)}
+    # Where copies can be: the erased turns' own sessions and the other sessions of their API keys.
+    neighbours = db.execute(
+        # A history holds only earlier turns, so only later ones can hold a copy.
+        f"""SELECT id, history FROM turns WHERE id > ? AND id NOT IN ({marks}) AND session_id IN (
+              SELECT session_id FROM turns WHERE id IN ({marks})
+              UNION SELECT id FROM sessions WHERE api_key IN (
+                  SELECT s.api_key FROM sessions s JOIN turns t ON t.session_id = s.id WHERE t.id IN ({marks})))""",
+        [min(turn_ids), *turn_ids, *turn_ids, *turn_ids],
+    ).fetchall()
+    for turn_id, history in neighbours:
+        pairs = json.loads(history or "[]")
+        kept = [pair for pair in pairs if (pair[0], pair[1] or "") not in erased]
+        if len(kept) != len(pairs):
+            db.execute("UPDATE turns SET history = ? WHERE id = ?", [json.dumps(kept), turn_id])
+    db.conn.executemany("DELETE FROM turns WHERE id = ?", [(turn_id,) for turn_id in turn_ids])
+
+
+def forget_addresses(db: sqlite_utils.Database, session_ids: list[str]) -> None:
+    """Clear the client address of sessions; the rows stay, so a chat still open in a browser can
+    go on (its next turn needs the session). Runs in the caller's transaction."""
+    db.conn.executemany("UPDATE sessions SET address = NULL WHERE id = ?", [(s,) for s in session_ids])

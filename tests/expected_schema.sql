@@ -7,6 +7,9 @@ CREATE UNIQUE INDEX "idx_api_keys_key_hash"
 -- index idx_corrections_turn_id
 CREATE INDEX "idx_corrections_turn_id"
     ON "corrections" ("turn_id");
+-- index idx_erasures_created_at
+CREATE INDEX "idx_erasures_created_at"
+    ON "erasures" ("created_at");
 -- index idx_eval_reports_adapter
 CREATE INDEX "idx_eval_reports_adapter"
     ON "eval_reports" ("adapter");
@@ -110,6 +113,17 @@ CREATE TABLE "embeddings" (
    "model" TEXT,
    "vector" BLOB NOT NULL,
    PRIMARY KEY ("hash", "model")
+);
+-- table erasures
+CREATE TABLE "erasures" (
+   "id" INTEGER PRIMARY KEY,
+   "kind" TEXT NOT NULL,
+   "target" TEXT,
+   "turn_ids" TEXT NOT NULL,
+   "row_ids" TEXT NOT NULL,
+   "snapshots" TEXT NOT NULL,
+   "erased_by" TEXT,
+   "created_at" TEXT NOT NULL
 );
 -- table eval_reports
 CREATE TABLE "eval_reports" (

@@ -98,3 +98,35 @@ def test_nothing_typed_into_the_chat_is_kept_anywhere(tuneloop_home):
             raw = file.read_bytes()
             for secret in SECRETS:
                 assert secret.encode() not in raw, (file, secret)
+
+
+def test_nothing_sent_to_the_api_is_kept_anywhere_nor_shown_to_staff(tuneloop_home):
+    # The chat is covered above; the OpenAI-compatible API (feedback.api) is the other way in.
+    import httpx
+
+    from feedback import api, apikeys
+
+    key = apikeys.create_key(connect(), "web")
+    question = f"card {CARD}, IBAN {IBAN}, mail {EMAIL}"
+    with serve_scripted() as served:
+        response = httpx.post(served.url + api.COMPLETIONS_PATH, headers={"Authorization": f"Bearer {key}"},
+                              json={"model": "any", "messages": [{"role": "user", "content": question}]}, timeout=30)
+        assert response.status_code == 200, response.text
+        turn_id = int(response.json()["id"].removeprefix("chatcmpl-"))
+        voted = httpx.post(served.url + api.FEEDBACK_PATH, headers={"Authorization": f"Bearer {key}"},
+                           json={"id": response.json()["id"], "value": "down", "reason": f"my mail is {EMAIL}"}, timeout=30)
+        assert voted.status_code == 200, voted.text
+        staff = served.staff_client()
+        queue = repr(staff.predict(api_name="/review_queue"))
+        item = repr(staff.predict(turn_id, api_name="/review_item"))
+        assert "[CARD], IBAN [IBAN], mail [EMAIL]" in queue and "my mail is [EMAIL]" in item
+        for secret in SECRETS:
+            assert secret not in response.text and secret not in queue and secret not in item, secret
+    assert served.rows("SELECT question FROM turns") == [("card [CARD], IBAN [IBAN], mail [EMAIL]",)]
+    with sqlite3.connect(paths.feedback_db()) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for file in paths.home().rglob("*"):
+        if file.is_file():
+            raw = file.read_bytes()
+            for secret in SECRETS:
+                assert secret.encode() not in raw, (file, secret)

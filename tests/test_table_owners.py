@@ -27,6 +27,7 @@ OWNERS = {
     "dataset_versions": "feedback.datasets",
     "knowledge": "feedback.knowledge",
     "api_keys": "feedback.apikeys",
+    "erasures": "feedback.privacy",
     # The staff view writes marks, and the app may import only assistant and feedback: both review
     # tables are feedback's (feedback.schema 0003_human_review); evals.review only picks the pairs.
     "review_pairs": "feedback.review",

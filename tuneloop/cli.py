@@ -19,7 +19,7 @@ from assistant.config import ConfigError, ServeConfig, add_arguments, as_dict, f
 
 # Modules with ``add_commands(subparsers)`` (and optionally ``status_fields() -> dict``).
 COMMAND_MODULES: list[str] = ["feedback.cli", "trainer.cli", "feedback.data_cli", "feedback.knowledge_cli", "evals.cli",
-                              "tuneloop.pipeline", "feedback.backup", "feedback.apikeys"]
+                              "tuneloop.pipeline", "feedback.backup", "feedback.apikeys", "feedback.privacy_cli"]
 
 
 def cmd_serve(args) -> int:

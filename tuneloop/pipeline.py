@@ -101,10 +101,11 @@ def main(
         interrupted = mark_interrupted_runs(db)
         run_id = start_run(db, cfg, train, gate, serve)
         try:
+            expired = expire(db, run_id)
             snapshot, dataset_sha = curate(db, run_id, cfg)
             if not cfg.force and finished_on(db, dataset_sha):
                 return finish(db, run_id, started, "noop", dataset=snapshot.name, interrupted=interrupted,
-                              reasons=[f"no new data: a finished run already used snapshot {snapshot.name}; --force retrains"])
+                              expired_turns=expired, reasons=[f"no new data: a finished run already used snapshot {snapshot.name}; --force retrains"])
 
             set_stage(db, run_id, "train")
             train = dataclasses.replace(train, dataset=str(snapshot), **forgetting_settings(train, gate))
@@ -127,7 +128,8 @@ def main(
             if decision.promote:
                 adapters.set_current(candidate, f"retrain run {run_id}: " + "; ".join(decision.reasons))
             result = finish(
-                db, run_id, started, "done", dataset=snapshot.name, interrupted=interrupted, candidate=candidate,
+                db, run_id, started, "done", dataset=snapshot.name, interrupted=interrupted, expired_turns=expired,
+                candidate=candidate,
                 incumbent=incumbent, promoted=decision.promote, reasons=decision.reasons,
                 f1={role: (r.f1 if r else None) for role, r in
                     {"base": reports["base"], "current": reports.get("current"), "candidate": reports["candidate"],
@@ -144,6 +146,14 @@ def main(
 
 
 # --- the steps -----------------------------------------------------------------------------------
+
+
+def expire(db, run_id: int) -> int:
+    """Erase the turns past [privacy] keep_days before curating, so no snapshot takes them (feedback.privacy)."""
+    from feedback import privacy
+
+    set_stage(db, run_id, "expire")
+    return privacy.expire(db)
 
 
 def curate(db, run_id: int, cfg: RetrainConfig) -> tuple[Path, str]:
@@ -289,13 +299,13 @@ def finished_on(db, dataset_sha: str) -> bool:
 
 
 def finish(db, run_id: int, started: float, status: str, *, dataset: str, interrupted: list[int],
-           candidate: str | None = None, incumbent: str | None = None, promoted: bool = False,
+           expired_turns: int = 0, candidate: str | None = None, incumbent: str | None = None, promoted: bool = False,
            reasons: list[str] | None = None, f1: dict | None = None) -> dict:
     seconds = round(time.perf_counter() - started, 2)
     result = {
         "run": run_id, "status": status, "dataset": dataset, "candidate": candidate, "incumbent": incumbent,
         "promoted": promoted, "reasons": reasons or [], "f1": f1 or {}, "seconds": seconds,
-        "interrupted_runs": interrupted,
+        "interrupted_runs": interrupted, "expired_turns": expired_turns,
     }
     db["retrain_runs"].update(run_id, {
         "status": status, "stage": "end", "finished_at": _now(), "promoted": int(promoted),
@@ -350,7 +360,10 @@ def cmd_retrain(args) -> int:
         return 1
     if args.json:
         print(json.dumps(result, indent=2))
-    elif result["status"] == "noop":
+        return 0
+    if result["expired_turns"]:
+        print(f"{result['expired_turns']} turn(s) older than [privacy] keep_days erased")
+    if result["status"] == "noop":
         print(f"nothing to do: {result['reasons'][0]}")
     else:
         print(f"candidate {result['candidate']} {'PROMOTED' if result['promoted'] else 'rejected'} in {result['seconds']:.0f} s")
