@@ -7,10 +7,12 @@ they all share. The config file is ``$TUNELOOP_HOME/config.toml`` with one table
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import inspect
 import os
+import re
 import tomllib
 import types
 import typing
@@ -227,14 +229,39 @@ def as_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def add_arguments(parser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add ``--field value`` options for every field of ``cls`` (help from the field docstrings)."""
+ANSWER_FIELDS = ("base_model", "quantization", "device", "backend", "system_prompt", "max_new_tokens", "temperature",
+                 "top_p", "repetition_penalty", "max_input_chars", "max_history_turns", "retrieval_k",
+                 "retrieval_min_score", "verbatim", "verbatim_min_score")
+"""The ``ServeConfig`` fields that shape an answer; the others set up the web server and the chat page.
+Commands that answer without serving (``ask``, ``eval``) offer only these as options."""
+
+
+def add_arguments(parser, cls: type, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> None:
+    """Add a ``--field value`` option for every field of ``cls`` (help from the field docstrings),
+    or only for the fields in ``only``; a bool field becomes a ``--field`` / ``--no-field`` flag."""
     docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        if field.name in skip:
+        if field.name in skip or (only is not None and field.name not in only):
             continue
         flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, dest=field.name, default=None, metavar="VALUE", help=f"{docs.get(field.name, '')} (default: {field.default!r})")
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default  # type: ignore[misc]
+        # default=None means "not given", so the config file and environment still count.
+        help_text = plain_text(f"{docs.get(field.name, '')} (default: {default!r})").replace("%", "%%")
+        if hints[field.name] is bool:
+            parser.add_argument(flag, dest=field.name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, dest=field.name, default=None, metavar="VALUE", help=help_text)
+
+
+_SPHINX_ROLE = re.compile(r":(?:[a-z]+:)?[a-z]+:`(~?)([^`<]+?)(?: <[^`]+>)?`")
+_SPHINX_LITERAL = re.compile(r"``(.+?)``")
+
+
+def plain_text(text: str) -> str:
+    """Docstring text as ``--help`` text: Sphinx roles (:func:`x`) and ``literals`` lose their markup."""
+    text = _SPHINX_ROLE.sub(lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), text)
+    return _SPHINX_LITERAL.sub(r"\1", text)
 
 
 def from_args(cls: type[T], section: str, args, extra: dict[str, Any] | None = None) -> T:

@@ -10,7 +10,7 @@ import json
 import sys
 
 from assistant import adapters
-from assistant.config import ServeConfig, add_arguments, from_args, load
+from assistant.config import ANSWER_FIELDS, ServeConfig, add_arguments, from_args, load
 
 
 def cmd_eval(args) -> int:
@@ -143,7 +143,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
     add_arguments(p, EvalConfig, skip=("baselines",))
     # The served configuration to score, e.g. --backend llama_cpp; chat-page and web settings do not apply.
-    add_arguments(p, ServeConfig, skip=EVAL_SKIPS_SERVE)
+    add_arguments(p, ServeConfig, only=tuple(name for name in ANSWER_FIELDS if name not in EVAL_SKIPS_SERVE))
     p.add_argument("--baselines", action="store_true", help="also evaluate the base model and its few-shot prompt")
     p.add_argument("--json", action="store_true", help="print f1, label_f1, knn_label_f1, unsupported_facts, retrieval, answer_f1, rouge_l, bleu, n, adapter, per_label as JSON")
     p.set_defaults(handler=cmd_eval)

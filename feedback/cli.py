@@ -6,6 +6,7 @@ import argparse
 import getpass
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from feedback import auth, store
@@ -61,10 +62,25 @@ def cmd_staff_passwd(args) -> int:
 
 
 def _read_password(command: str, args) -> str | None:
+    """The password from stdin's first line or typed twice at a prompt; None (said why) when there is none."""
     if args.password_stdin:
-        return sys.stdin.readline().rstrip("\r\n")
-    password = getpass.getpass(f"Password for {args.name}: ")
-    if getpass.getpass("Repeat the password: ") != password:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            print(f"tuneloop staff {command}: no password on stdin; give it as the first line, e.g. "
+                  f"printf '%s\\n' \"$PASSWORD\" | tuneloop staff {command} {args.name} --password-stdin", file=sys.stderr)
+            return None
+        return password
+    try:
+        # Without a terminal getpass would warn, then read (and echo) stdin; say what to do instead.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", getpass.GetPassWarning)
+            password = getpass.getpass(f"Password for {args.name}: ")
+            repeated = getpass.getpass("Repeat the password: ")
+    except (getpass.GetPassWarning, EOFError):
+        print(f"tuneloop staff {command}: no terminal to type the password on; pipe it as the first line of stdin "
+              f"with --password-stdin", file=sys.stderr)
+        return None
+    if repeated != password:
         print(f"tuneloop staff {command}: the passwords differ; nothing changed", file=sys.stderr)
         return None
     return password

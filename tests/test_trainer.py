@@ -598,7 +598,7 @@ def test_cli_train_prints_the_result_as_json(tiny_model_dir, capsys):
     write_snapshot(8, 2)
     code = cli.main([
         "train", "--base-model", str(tiny_model_dir), "--method", "lora", "--max-steps", "2", "--lr", "0.01",
-        "--min-train-examples", "8", "--progress", "false", "--json",
+        "--min-train-examples", "8", "--no-progress", "--json",
     ])
     assert code == 0
     payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

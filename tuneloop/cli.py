@@ -7,15 +7,20 @@ Each package adds its own subcommands through an ``add_commands(subparsers)`` fu
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import textwrap
 import threading
+from importlib import metadata
 
 from assistant import paths
-from assistant.config import ConfigError, ServeConfig, add_arguments, as_dict, from_args
+from assistant.config import (ANSWER_FIELDS, DEFAULT_SYSTEM_PROMPT, ConfigError, ServeConfig, add_arguments, as_dict,
+                              from_args, plain_text)
 
 # Modules with ``add_commands(subparsers)`` (and optionally ``status_fields() -> dict``).
 COMMAND_MODULES: list[str] = ["feedback.cli", "trainer.cli", "feedback.data_cli", "feedback.knowledge_cli", "evals.cli",
@@ -72,9 +77,16 @@ def cmd_serve(args) -> int:
     return 0
 
 
+class CommandError(Exception):
+    """A command cannot do what was asked; the message says what to do instead (one line, exit 2)."""
+
+
 def cmd_ask(args) -> int:
     """Answer one question on the current adapter and log it as a turn."""
-    from assistant.chat import ChatError, ChatService, make_backend
+    question = sys.stdin.read() if args.question == "-" else args.question
+    if not question.strip():  # refused before the model loads, which takes seconds
+        raise CommandError("the question is empty: give it in quotes, or '-' to read it from stdin")
+    from assistant.chat import ChatService, make_backend
     from feedback import turns
     from feedback.db import ThreadLocalDB
     from feedback.knowledge import KnowledgeIndex
@@ -83,13 +95,9 @@ def cmd_ask(args) -> int:
     backend = make_backend(cfg)
     local = ThreadLocalDB()  # the index searches on a thread of its own, with its own connection
     service = ChatService(cfg, backend, references=KnowledgeIndex(local.get))
-    try:
-        stream = service.answer(args.question)
-    except ChatError as exc:
-        print(f"tuneloop ask: {exc}", file=sys.stderr)
-        return 2
+    stream = service.answer(question)  # a ChatError (too long, ...) is reported by main()
     db = local.get()
-    turn_id = turns.start_turn(db, turns.new_session(db, "cli"), args.question.strip(), [], backend.base.model_id)
+    turn_id = turns.start_turn(db, turns.new_session(db, "cli"), question.strip(), [], backend.base.model_id)
     for piece in stream:
         if not args.json:
             print(piece, end="", flush=True)
@@ -111,20 +119,35 @@ def cmd_ask(args) -> int:
     return 0
 
 
+NOT_INITIALISED = ("not initialised: run tuneloop init (it prepares the model, imports a domain pack, installs its "
+                   "persona and curates the first dataset)")
+
+
+def initialised() -> bool:
+    """Whether this home has been set up: its feedback database exists (``tuneloop init`` creates it)."""
+    return paths.feedback_db().exists()
+
+
 def status_payload(cfg: ServeConfig) -> dict:
-    """What ``tuneloop status --json`` prints; packages add their own keys."""
+    """What ``tuneloop status --json`` prints; packages add their own keys.
+
+    A home that was never set up is only looked at: opening the database or listing adapters would
+    create them, so its status says so instead.
+    """
     from assistant import adapters
 
     import importlib
 
     payload = {
         "home": str(paths.home()),
+        "initialised": initialised(),
         "base_model": cfg.base_model,
         "quantization": cfg.quantization,
         "device": cfg.device,
-        "current_adapter": adapters.current_version(),
-        "adapters": len(adapters.list_versions()),
     }
+    if not payload["initialised"]:
+        return payload | {"current_adapter": None, "adapters": 0}
+    payload |= {"current_adapter": adapters.current_version(), "adapters": len(adapters.list_versions())}
     for name in COMMAND_MODULES:
         module = importlib.import_module(name)
         # A command module may contribute keys to the status (e.g. feedback counts, examples).
@@ -144,6 +167,8 @@ def cmd_status(args) -> int:
             if key == "current_adapter" and value is None:
                 value = "none promoted yet: the base model answers (`tuneloop retrain` trains and gates one)"
             print(f"{key:>16}: {value}")
+        if not payload["initialised"]:
+            print(NOT_INITIALISED)
     return 0
 
 
@@ -160,6 +185,16 @@ def cmd_model_prepare(args) -> int:
 
 def cmd_init(args) -> int:
     """Set up a home: prepare the model, import a domain pack, install its persona, curate the first dataset."""
+    payload = init_home(args)
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        print(init_summary(payload))
+    return 0
+
+
+def init_home(args) -> dict:
+    """What ``tuneloop init`` does (``tuneloop demo`` too, on a home not set up yet); idempotent."""
     from assistant import model
     from feedback import curate, knowledge, packs
     from feedback.db import connect
@@ -167,14 +202,19 @@ def cmd_init(args) -> int:
     pack = packs.load_pack(args.pack)
     persona_installed = packs.install_persona(pack)
     cfg = from_args(ServeConfig, "serve", args)
-    info = model.prepare(cfg.base_model)
-    db = connect()
-    imported = packs.import_pack(db, pack)
-    dataset = curate.main(curate.CurateConfig(), db)
-    if pack.catalog_file is not None:
-        knowledge.add_catalog(db, pack.catalog_file, pack.bank)
-    knowledge.sync(db)
-    payload = {
+    with StageProgress("tuneloop init", 4) as progress:
+        progress.start(f"preparing the model {cfg.base_model}")
+        info = model.prepare(cfg.base_model)
+        db = connect()
+        progress.start(f"importing the {pack.title} pack")
+        imported = packs.import_pack(db, pack)
+        progress.start("curating the first dataset")
+        dataset = curate.main(curate.CurateConfig(), db)
+        progress.start("indexing approved answers for retrieval")
+        if pack.catalog_file is not None:
+            knowledge.add_catalog(db, pack.catalog_file, pack.bank)
+        knowledge.sync(db)
+    return {
         "home": str(paths.home()),
         "pack": pack.name,
         "base_model": info.model_id,
@@ -184,14 +224,46 @@ def cmd_init(args) -> int:
         "dataset": dataset.version,
         "dataset_unchanged": dataset.unchanged,
         "examples": dataset.counts,
+        "pack_title": pack.title,
     }
-    if args.json:
-        print(json.dumps(payload, indent=2))
-    else:
-        counts = ", ".join(f"{k} {v}" for k, v in dataset.counts.items())
-        print(f"tuneloop home {payload['home']}: {pack.title} pack, {imported.imported} new examples "
-              f"({imported.skipped_duplicates} already there); dataset {dataset.version} ({counts})")
-    return 0
+
+
+class StageProgress:
+    """A long command's stages on stderr: a tqdm bar on a terminal, else one line per stage, which
+    stays readable in a log file or a CI job."""
+
+    def __init__(self, command: str, total: int):
+        self.command, self.total, self.index = command, total, 0
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=command, unit="stage", leave=False, file=sys.stderr)
+
+    def start(self, stage: str) -> None:
+        """Stage number ``index + 1`` begins: the ones before it are done."""
+        self.index += 1
+        if self.bar is None:
+            print(f"{self.command}: {stage} ({self.index}/{self.total})", file=sys.stderr, flush=True)
+        else:
+            self.bar.update(self.index - 1 - self.bar.n)
+            self.bar.set_description(f"{self.command}: {stage}")  # redraws, whatever tqdm's mininterval
+
+    def __enter__(self) -> StageProgress:
+        return self
+
+    def __exit__(self, error_type, *exc) -> None:
+        if self.bar is not None:
+            if error_type is None:
+                self.bar.update(self.total - self.bar.n)
+            self.bar.close()
+
+
+def init_summary(payload: dict) -> str:
+    """The one line ``tuneloop init`` prints about what it set up."""
+    counts = ", ".join(f"{k} {v}" for k, v in payload["examples"].items())
+    return (f"tuneloop home {payload['home']}: {payload['pack_title']} pack, {payload['imported']} new examples "
+            f"({payload['skipped_duplicates']} already there); dataset {payload['dataset']} ({counts})")
 
 
 def demo_retrain_command(epochs: float) -> list[str]:
@@ -206,12 +278,18 @@ def demo_retrain_command(epochs: float) -> list[str]:
 
 
 def cmd_demo(args) -> int:
-    """Serve the chat at once and run the first retrain in the background; the promoted adapter swaps in live."""
+    """Set up the home first if it is not (as tuneloop init does), serve the chat at once and run the first retrain in the background; the promoted adapter swaps in live."""
     import subprocess
 
     from feedback import auth
     from feedback.db import connect
 
+    if not initialised() or from_args(ServeConfig, "serve", args).system_prompt == DEFAULT_SYSTEM_PROMPT:
+        # Never a silent demo of the generic persona on an empty home: set up the pack first, saying so.
+        print(f"tuneloop demo: {paths.home()} is not set up yet, so running `tuneloop init --pack {args.pack}` first: "
+              "it prepares the model, imports the pack's examples, installs its persona and curates the first dataset",
+              flush=True)
+        print(init_summary(init_home(args)), flush=True)
     db = connect()
     if not auth.list_staff(db):
         import secrets
@@ -246,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
         "curate, retrain a LoRA adapter nightly, and promote it only when it measurably improves.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback when a command fails")
+    parser.add_argument("--version", action="version", version=f"tuneloop {metadata.version('tuneloop')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
@@ -253,10 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("ask", help=cmd_ask.__doc__, description=cmd_ask.__doc__)
-    p.add_argument("question", help="the customer question")
+    p.add_argument("question", help="the customer question, or - to read it from stdin")
     p.add_argument("--json", action="store_true",
                    help="print answer, adapter, latency_s, tokens_in, tokens_out and sources (the references used) as JSON")
-    add_arguments(p, ServeConfig, skip=("host", "port", "concurrency"))
+    # One answer, no history: the chat page's and the web server's settings do not apply.
+    add_arguments(p, ServeConfig, only=tuple(name for name in ANSWER_FIELDS if name != "max_history_turns"))
     p.set_defaults(handler=cmd_ask)
 
     p = sub.add_parser("status", help=cmd_status.__doc__, description=cmd_status.__doc__)
@@ -267,15 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     model_sub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     q = model_sub.add_parser("prepare", help=cmd_model_prepare.__doc__, description=cmd_model_prepare.__doc__)
     q.add_argument("--json", action="store_true", help="print as JSON")
-    add_arguments(q, ServeConfig, skip=("host", "port", "concurrency", "system_prompt"))
+    add_arguments(q, ServeConfig, only=("base_model",))
     q.set_defaults(handler=cmd_model_prepare)
 
+    packs = sorted(folder.name for folder in paths.packs_dir().iterdir() if (folder / "pack.json").exists())
     p = sub.add_parser("init", help=cmd_init.__doc__, description=cmd_init.__doc__)
-    p.add_argument("--pack", default="peach_state_bank", help="the shipped domain pack to import (default: peach_state_bank)")
+    p.add_argument("--pack", default="peach_state_bank", choices=packs, help="the shipped domain pack to import (default: peach_state_bank)")
     p.add_argument("--json", action="store_true", help="print what was set up as JSON")
     p.set_defaults(handler=cmd_init)
 
     p = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
+    p.add_argument("--pack", default="peach_state_bank", choices=packs,
+                   help="the domain pack to set up first when the home is not initialised (default: peach_state_bank)")
     p.add_argument("--no-retrain", action="store_true", help="only serve; do not start the background retrain")
     p.add_argument("--retrain-epochs", type=float, default=1.0, metavar="N",
                    help="training epochs of the background retrain (default: 1)")
@@ -291,21 +375,110 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(sub)
+    tidy_help(parser)
     return parser
 
 
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "serve": ("tuneloop serve", "tuneloop serve --host 0.0.0.0 --port 8080 --log-format json"),
+    "ask": ('tuneloop ask "How do I report a lost card?"', 'echo "What is a lien?" | tuneloop ask - --json'),
+    "status": ("tuneloop status", "tuneloop status --json"),
+    "model prepare": ("tuneloop model prepare", "tuneloop model prepare --base-model ./my-model --json"),
+    "init": ("tuneloop init", "tuneloop init --pack peach_state_bank --json"),
+    "demo": ("tuneloop demo", "tuneloop demo --no-retrain --port 8080"),
+    "config show": ("tuneloop config show",),
+    "staff add": ("tuneloop staff add alice", "printf '%s\\n' \"$PASSWORD\" | tuneloop staff add alice --password-stdin"),
+    "staff disable": ("tuneloop staff disable alice",),
+    "staff enable": ("tuneloop staff enable alice",),
+    "staff remove": ("tuneloop staff remove alice",),
+    "staff unlock": ("tuneloop staff unlock alice",),
+    "staff passwd": ("tuneloop staff passwd alice", "printf '%s\\n' \"$PASSWORD\" | tuneloop staff passwd alice --password-stdin"),
+    "staff list": ("tuneloop staff list", "tuneloop staff list --json"),
+    "feedback stats": ("tuneloop feedback stats", "tuneloop feedback stats --json"),
+    "feedback export": ("tuneloop feedback export --output corrections.jsonl", "tuneloop feedback export --include-thumbs-up > all.jsonl"),
+    "knowledge add": ('tuneloop knowledge add --question "When are you open?" --answer "Weekdays 9 to 5." --json',),
+    "knowledge list": ("tuneloop knowledge list", "tuneloop knowledge list --source correction --json"),
+    "knowledge remove": ("tuneloop knowledge remove 42",),
+    "data import": ("tuneloop data import faq.csv", "tuneloop data import chats.jsonl --question-col q --answer-col a --json"),
+    "curate": ("tuneloop curate --dry-run", "tuneloop curate --json"),
+    "train": ("tuneloop train", "tuneloop train --method lora --max-steps 50 --json"),
+    "eval": ("tuneloop eval", "tuneloop eval --adapter base --limit 50 --json"),
+    "adapters list": ("tuneloop adapters list", "tuneloop adapters list --json"),
+    "adapters promote": ('tuneloop adapters promote v20260131-020000-ab12 --reason "reviewed by hand"',),
+    "adapters rollback": ('tuneloop adapters rollback --reason "answers got worse"',),
+    "report": ("tuneloop report", "tuneloop report --json"),
+    "retrain": ("tuneloop retrain", "tuneloop retrain --force --max-steps 20 --json"),
+    "backup": ("tuneloop backup /srv/backups/tuneloop-2026-01-31",),
+    "restore": ("tuneloop restore /srv/backups/tuneloop-2026-01-31",),
+    "apikey create": ("tuneloop apikey create mobile-app --per-minute 60",),
+    "apikey list": ("tuneloop apikey list --json",),
+    "apikey revoke": ("tuneloop apikey revoke mobile-app",),
+    "privacy erase": ("tuneloop privacy erase --session Vq3x9TQ0nR8mYk2pLw7s1A --by alice", "tuneloop privacy erase --turn 345 --json"),
+    "privacy expire": ("tuneloop privacy expire", "tuneloop privacy expire --keep-days 30 --json"),
+}
+"""Examples shown at the end of each command's --help (a command module may set its own epilog instead)."""
+
+
+def tidy_help(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> None:
+    """Make every command's --help plain text: no docstring markup, descriptions wrapped here, and the
+    command's examples at the end, printed line for line."""
+    width = min(shutil.get_terminal_size().columns - 2, 100)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps the examples' lines
+    if parser.description:
+        paragraphs = plain_text(inspect.cleandoc(parser.description)).split("\n\n")
+        parser.description = "\n\n".join(textwrap.fill(" ".join(text.split()), width) for text in paragraphs)
+    subcommands = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    for action in parser._actions:
+        if action.help and action.help is not argparse.SUPPRESS:
+            action.help = plain_text(action.help)
+    for action in subcommands:
+        for choice in action._choices_actions:  # the one-line summaries in the parent's command list
+            choice.help = plain_text(choice.help) if choice.help else choice.help
+        for name, child in action.choices.items():
+            tidy_help(child, path + (name,))
+    if not subcommands:
+        parser.set_defaults(command_prog=parser.prog)  # how main() names the command in an error line
+        if parser.epilog is None and " ".join(path) in EXAMPLES:
+            parser.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[" ".join(path)])
+
+
+OUR_PACKAGES = ("assistant", "feedback", "trainer", "evals", "tuneloop", "app")
+"""Exceptions of types defined here are expected: raised on purpose, with a message that says what to change."""
+
+
+def expected(exc: Exception) -> bool:
+    """Whether ``exc`` is one of our own errors (exit 2), not a bug or a failure around us (exit 1)."""
+    return type(exc).__module__.partition(".")[0] in OUR_PACKAGES
+
+
+def error_line(exc: Exception, prog: str) -> str:
+    """The one line on stderr for a command that failed with ``exc``."""
+    message = " ".join(str(exc).split())  # one line, whatever the exception's text
+    if isinstance(exc, ConfigError):
+        return f"{prog}: configuration error: {message}"
+    if expected(exc):
+        return f"{prog}: {message}"
+    return f"tuneloop: error: {type(exc).__name__}: {message} (run with --debug for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    paths.configure_environment()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    """Run one command: its errors are one line on stderr and exit 2 when expected (a config value, an
+    unknown user, an empty question), 1 otherwise; the traceback only with --debug."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = None
     try:
+        paths.configure_environment()
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return int(args.handler(args) or 0)
-    except ConfigError as exc:
-        print(f"tuneloop: configuration error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # Read from argv too: the home or a command module can fail before the arguments are parsed.
+        if args.debug if args is not None else "--debug" in argv:
+            raise
+        print(error_line(exc, getattr(args, "command_prog", "tuneloop")), file=sys.stderr)
+        return 2 if expected(exc) else 1
 
 
 if __name__ == "__main__":
