@@ -10,16 +10,24 @@ event, so the password is never an event input Gradio keeps or a browser's run h
 success sets an HttpOnly, SameSite=Strict cookie (Secure over TLS) naming a server-side session in
 SQLite; every staff function reads that cookie from the request itself, whichever way it is called
 (page, API name or function index). Gradio routes this app does not use are refused before Gradio
-sees them (``REFUSED_ROUTES``).
+sees them (``REFUSED_ROUTES``). With ``[serve] staff_port`` the staff view, its sign-in and its events
+live on an address of their own and the chat's address answers 404 for all of them.
+
+The server opens before the model has loaded (``ChatService.loading``): ``/readyz`` answers 503
+"starting", a customer's question gets a "starting up" message and ``/v1`` answers 503 meanwhile.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import hmac
 import html
+import json
 import logging
+import re
 import secrets
+import socket
 import urllib.parse
 
 from assistant import paths
@@ -29,7 +37,7 @@ paths.configure_environment()
 import gradio as gr  # noqa: E402  (imported after the environment keeps it offline and quiet)
 
 from assistant import adapters  # noqa: E402
-from assistant.chat import BusyError, ChatError, ChatService  # noqa: E402
+from assistant.chat import STARTING_MESSAGE, BusyError, ChatError, ChatService, StartingError  # noqa: E402
 from assistant.metrics import CONTENT_TYPE, ServingMetrics  # noqa: E402
 from feedback import auth, privacy, review, store, turns  # noqa: E402
 from feedback import api as channel_api  # noqa: E402  (the OpenAI-compatible /v1 routes)
@@ -52,6 +60,10 @@ STAFF_LOGOUT_PATH = "/staff/logout"
 STAFF_COOKIE = "tuneloop_staff"
 STAFF_ONLY = "Staff only: sign in at /staff first."
 HEALTH_PATH, READY_PATH, METRICS_PATH = "/healthz", "/readyz", "/metrics"
+CHANNEL_API_PATH = "/v1/"
+# Where Gradio runs an event: by API name, or (queue/join) by the function index in the JSON body.
+EVENT_BY_NAME = re.compile(r"/gradio_api/(?:call/v2|call|run|api)/([^/]+)/?")
+EVENT_BY_INDEX = "/gradio_api/queue/join"
 MAX_LOGIN_BODY_BYTES = 4096
 # Gradio routes this app does not use, answered 404 before Gradio sees them: deep links (they wrote
 # every component's value, a password or a customer's card number included, to disk and reopened
@@ -112,30 +124,52 @@ def build_app(
 ) -> gr.Blocks:
     """The customer chat at ``/`` (answers stream and are logged with their adapter; customers vote)
     and the staff view at ``/staff`` (review queue, corrections, approvals, examples), with the
-    staff sign-in form at ``/staff/login``. :func:`launch` serves it with :data:`REFUSED_ROUTES` off."""
+    staff sign-in form at ``/staff/login``. :func:`launch` serves it with :data:`REFUSED_ROUTES` off.
+
+    With ``[serve] staff_port`` the staff view and sign-in are a second Blocks (``demo.tuneloop_staff``)
+    that :func:`launch` serves on ``staff_host:staff_port``; the chat's address then has no staff page,
+    route or event at all. The service may still be loading its model (``service.loading``)."""
     cfg = service.cfg
-    metrics = ServingMetrics(lambda: service.in_flight, lambda: service.backend.active,
+    metrics = ServingMetrics(lambda: service.in_flight, lambda: None if service.loading else service.backend.active,
                              lambda: store.stats(db.get()))
     with gr.Blocks(title=title) as demo:
         _customer_page(demo, service, db, base_model, title, metrics)
     # Turns being answered now: a server stopping before they end marks them interrupted.
     demo.tuneloop_turns_in_flight = set()
-    with demo.route("Staff", STAFF_PATH.strip("/"), show_in_navbar=False):
-        _staff_page(demo, db, title)
-    # What launch() passes to Gradio for this app: our routes first, the guard around everything.
-    demo.tuneloop_server = {
-        "app_kwargs": {
-            "routes": _staff_routes(db, cfg, title) + _operations_routes(service, db, metrics)
-            + channel_api.routes(service, db, base_model, metrics, demo.tuneloop_turns_in_flight,
-                                 busy_error=BusyError, chat_error=ChatError),
-            "middleware": [Middleware(_SurfaceGuard, db=db)],
-        },
+    customer_routes = _operations_routes(service, db, metrics) + channel_api.routes(
+        service, db, base_model, metrics, demo.tuneloop_turns_in_flight, busy_error=BusyError, chat_error=ChatError)
+    if not cfg.staff_port:
+        with demo.route("Staff", STAFF_PATH.strip("/"), show_in_navbar=False):
+            _staff_page(demo, db, title)
+        demo.tuneloop_server = _server_settings(cfg, _staff_routes(db, cfg, title) + customer_routes,
+                                                blocks=demo, db=db, service=service, staff=True, customers=True)
+        return demo
+    # A Blocks of its own, not one Blocks behind two servers: Gradio runs an event by API name or by
+    # function index through several routes (queue/join, call, run, api ...), and a guard choosing
+    # by port would have to know each of them; a Blocks without the staff functions has none to run.
+    with gr.Blocks(title=f"{title}: staff") as staff:
+        pass  # its "/" leads to /staff (_SurfaceGuard)
+    with staff.route("Staff", STAFF_PATH.strip("/"), show_in_navbar=False):
+        _staff_page(staff, db, title)
+    staff.tuneloop_server = _server_settings(cfg, _staff_routes(db, cfg, title), blocks=staff,
+                                             db=db, service=service, staff=True, customers=False)
+    staff.tuneloop_address = (cfg.staff_host, cfg.staff_port)
+    demo.tuneloop_server = _server_settings(cfg, customer_routes, blocks=demo, db=db,
+                                            service=service, staff=False, customers=True)
+    demo.tuneloop_staff = staff
+    return demo
+
+
+def _server_settings(cfg, routes: list[Route], **guard: object) -> dict:
+    """What launch() passes to Gradio for one app: our routes first, the guard (:class:`_SurfaceGuard`,
+    with ``guard`` its settings) around everything, and the Gradio surface this app does not use turned off."""
+    return {
+        "app_kwargs": {"routes": routes, "middleware": [Middleware(_SurfaceGuard, **guard)]},
         "run_history": False,
         "footer_links": [],
         "max_file_size": "1kb",
         "state_session_capacity": cfg.max_browser_sessions,
     }
-    return demo
 
 
 def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, base_model: str, title: str,
@@ -165,7 +199,7 @@ def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, bas
                 session_id = turns.new_session(db.get(), "customer", _address(request), cfg.sessions_per_address_per_minute)
             stream = service.answer(question, pairs)
         except (turns.TooManySessions, BusyError, ChatError) as exc:
-            if isinstance(exc, BusyError):
+            if isinstance(exc, BusyError) and not isinstance(exc, StartingError):
                 metrics.busy_refusals.inc()
             # In the page the refusal is the assistant's reply and the draft comes back to the box;
             # an API caller still gets the error (visible=False only keeps the red toast away).
@@ -597,15 +631,17 @@ def _staff_routes(db: ThreadLocalDB, cfg, title: str) -> list[Route]:
 
 
 def _operations_routes(service: ChatService, db: ThreadLocalDB, metrics: ServingMetrics) -> list[Route]:
-    """``/healthz`` (the process answers), ``/readyz`` (ready for customers: not draining, the
-    database writable, the adapter pointer valid; 503 otherwise) and ``/metrics`` (Prometheus text;
-    only for a loopback client not behind the proxy, or with ``[serve] metrics_token``)."""
+    """``/healthz`` (the process answers), ``/readyz`` (ready for customers: the model loaded, not
+    draining, the database writable, the adapter pointer valid; 503 otherwise, with status "starting"
+    while the model loads) and ``/metrics`` (Prometheus text; only for a loopback client not behind
+    the proxy, or with ``[serve] metrics_token``)."""
 
     async def health(request: Request):
         return JSONResponse({"status": "ok"}, headers={"Cache-Control": "no-store"})
 
     def ready_checks() -> dict:
-        checks = {"draining": service.draining, "database": _database_writable(db)}
+        backend = service.backend  # read once: loading ends on another thread
+        checks = {"loading": backend is None, "draining": service.draining, "database": _database_writable(db)}
         try:
             wanted = adapters.current_version()
             # The pointer names an adapter that exists, and the backend did not refuse the last one
@@ -613,14 +649,15 @@ def _operations_routes(service: ChatService, db: ThreadLocalDB, metrics: Serving
             present = wanted is None or (adapters.adapter_path(wanted) / adapters.WEIGHTS_FILE).exists()
         except adapters.AdapterError:
             wanted, present = None, False
-        checks.update(adapter=wanted, adapter_valid=present and service.backend.last_error is None,
-                      serving=service.backend.active)
+        checks.update(adapter=wanted, adapter_valid=present and (backend is None or backend.last_error is None),
+                      serving=None if backend is None else backend.active)
         return checks
 
     async def ready(request: Request):
         checks = await run_in_threadpool(ready_checks)
-        ok = not checks["draining"] and checks["database"] and checks["adapter_valid"]
-        return JSONResponse({"status": "ready" if ok else "not ready", **checks}, status_code=200 if ok else 503,
+        ok = not checks["loading"] and not checks["draining"] and checks["database"] and checks["adapter_valid"]
+        status = "ready" if ok else "starting" if checks["loading"] and not checks["draining"] else "not ready"
+        return JSONResponse({"status": status, **checks}, status_code=200 if ok else 503,
                             headers={"Cache-Control": "no-store"})
 
     async def scrape(request: Request):
@@ -673,17 +710,49 @@ label,input,button{{display:block;width:100%;margin:.3rem 0;font-size:1rem}}inpu
 
 class _SurfaceGuard:
     """ASGI middleware in front of Gradio: :data:`REFUSED_ROUTES` answer 404, and the staff page
-    itself is sent to the sign-in form unless the request carries a live staff session."""
+    itself is sent to the sign-in form unless the request carries a live staff session.
 
-    def __init__(self, app, db: ThreadLocalDB):
+    ``blocks``: the Blocks this server runs; an event it does not have (an API name or a function
+    index of the other Blocks, say) is 404, where Gradio would fail with a 500 and a logged traceback.
+    ``staff``: this server has the staff view (else anything under ``/staff`` is 404);
+    ``customers``: it has the chat and the ``/v1`` API (503 while the model loads; else its ``/``
+    leads to the staff view)."""
+
+    def __init__(self, app, blocks: gr.Blocks, db: ThreadLocalDB, service: ChatService, staff: bool, customers: bool):
         self.app = app
+        self.fns = blocks.fns
         self.db = db
+        self.service = service
+        self.staff = staff
+        self.customers = customers
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             path = scope["path"]
-            if path.startswith(REFUSED_ROUTES):
+            staff_path = path.rstrip("/") == STAFF_PATH or path.startswith(STAFF_PATH + "/")
+            named = EVENT_BY_NAME.fullmatch(path) if scope["method"] == "POST" else None
+            if path.startswith(REFUSED_ROUTES) or (staff_path and not self.staff) or (
+                    named and not any(fn.api_name == named[1] for fn in self.fns.values())):
                 await JSONResponse({"detail": "Not Found"}, status_code=404)(scope, receive, send)
+                return
+            if path == EVENT_BY_INDEX and scope["method"] == "POST":
+                body, receive = await _read_body(receive)
+                try:
+                    fn_index = json.loads(body).get("fn_index")
+                except (ValueError, AttributeError):
+                    pass  # not a JSON object: Gradio refuses a malformed body itself
+                else:
+                    if type(fn_index) is not int or fn_index not in self.fns:
+                        await JSONResponse({"detail": "Not Found"}, status_code=404)(scope, receive, send)
+                        return
+            if self.customers and self.service.loading and path.startswith(CHANNEL_API_PATH):
+                # OpenAI's error shape, as the /v1 routes answer (feedback.api).
+                error = {"message": STARTING_MESSAGE, "type": "server_starting", "code": "server_starting"}
+                await JSONResponse({"error": error}, status_code=503,
+                                   headers={"Retry-After": "10", "Cache-Control": "no-store"})(scope, receive, send)
+                return
+            if not self.customers and path == "/":
+                await RedirectResponse(scope.get("root_path", "") + STAFF_PATH, status_code=303)(scope, receive, send)
                 return
             if path.rstrip("/") == STAFF_PATH:
                 request = Request(scope)
@@ -695,16 +764,89 @@ class _SurfaceGuard:
         await self.app(scope, receive, send)
 
 
+class AddressInUse(OSError):
+    """An address :func:`launch` was to listen on is taken (or cannot be bound); the message says which."""
+
+
+def check_address(host: str, port: int) -> None:
+    """Raise :class:`AddressInUse` unless ``host:port`` can be bound now (bound and released at once,
+    with the SO_REUSEADDR uvicorn uses, so a port in TIME_WAIT counts as free as it does for uvicorn)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUse(f"port {port} on {host} is already in use (another tuneloop serve?); stop it or "
+                               "choose another port") from None
+        raise AddressInUse(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+async def _read_body(receive):
+    """The whole request body, and a ``receive`` that hands it on to the app as if unread."""
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            break  # the client left; the app sees an empty body and its own disconnect
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    body, replayed = b"".join(chunks), False
+
+    async def replay():
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return body, replay
+
+
 def launch(demo: gr.Blocks, host: str, port: int, concurrency: int, block: bool = True):
-    demo.queue(default_concurrency_limit=concurrency)
-    return demo.launch(
-        server_name=host,
-        server_port=port,
-        share=False,
-        prevent_thread_lock=not block,
-        # Customers see gr.Error messages only; anything else is logged with an id (see _shown).
-        show_error=False,
-        quiet=True,
-        # build_app's own routes, the guard, and the Gradio surface this app does not use turned off.
-        **getattr(demo, "tuneloop_server", {}),
-    )
+    """Serve ``demo`` at ``host:port`` and, when :func:`build_app` gave it a staff view of its own,
+    that at ``[serve] staff_host:staff_port``. Every address is checked first: :class:`AddressInUse`
+    before anything listens."""
+    staff = getattr(demo, "tuneloop_staff", None)
+    for address in [(host, port)] + ([staff.tuneloop_address] if staff is not None else []):
+        check_address(*address)
+    if staff is not None:
+        _launch(staff, *staff.tuneloop_address, concurrency, block=False)
+    try:
+        return _launch(demo, host, port, concurrency, block)
+    except BaseException:
+        if staff is not None:
+            staff.close()
+        raise
+
+
+def close(demo: gr.Blocks) -> None:
+    """Stop what :func:`launch` started: the chat's server and the staff view's, if it has its own."""
+    staff = getattr(demo, "tuneloop_staff", None)
+    if staff is not None:
+        staff.close()
+    demo.close()
+
+
+def _launch(blocks: gr.Blocks, host: str, port: int, concurrency: int, block: bool):
+    blocks.queue(default_concurrency_limit=concurrency)
+    try:
+        return blocks.launch(
+            server_name=host,
+            server_port=port,
+            share=False,
+            prevent_thread_lock=not block,
+            # Customers see gr.Error messages only; anything else is logged with an id (see _shown).
+            show_error=False,
+            quiet=True,
+            # build_app's own routes, the guard, and the Gradio surface this app does not use turned off.
+            **getattr(blocks, "tuneloop_server", {}),
+        )
+    except OSError as exc:
+        # Taken between check_address and now: Gradio's message names a "range" and an env variable.
+        if "Cannot find empty port" not in str(exc):
+            raise
+        raise AddressInUse(f"port {port} on {host} is already in use (another tuneloop serve?); stop it or "
+                           "choose another port") from None

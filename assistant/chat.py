@@ -33,8 +33,13 @@ class BusyError(ChatError):
     """Every answer slot and every waiting place is taken; the customer is asked to try again."""
 
 
+class StartingError(BusyError):
+    """The model is still loading (the server answers meanwhile); the customer is asked to try again."""
+
+
 BUSY_MESSAGE = "The assistant is busy answering other customers. Please try again in a minute."
 DRAINING_MESSAGE = "The assistant is restarting. Please try again in a minute."
+STARTING_MESSAGE = "The assistant is starting up. Please try again in a moment."
 
 
 @dataclass
@@ -180,9 +185,10 @@ def retrieval_for(version: str | None, cfg: ServeConfig) -> tuple[int, float]:
 class ChatService:
     """Validates a question, fits the conversation into the context window and streams the answer."""
 
-    def __init__(self, cfg: ServeConfig, backend: Backend, references: ReferenceSource | None = None):
+    def __init__(self, cfg: ServeConfig, backend: Backend | None, references: ReferenceSource | None = None):
         self.cfg = cfg
         self.backend = backend
+        """The model; None while it loads (the server is up meanwhile), set once it has loaded."""
         self.references = references
         """Where approved pairs for the prompt come from; None answers without references."""
         # Answers in flight: `concurrency` being generated plus `max_queue` waiting for a slot.
@@ -192,6 +198,11 @@ class ChatService:
         self._in_flight_lock = threading.Lock()
         self.draining = False
         """Set on shutdown: answers in flight finish, new questions are refused (:data:`DRAINING_MESSAGE`)."""
+
+    @property
+    def loading(self) -> bool:
+        """Whether the model is still loading: questions are refused with :data:`STARTING_MESSAGE`."""
+        return self.backend is None
 
     @property
     def in_flight_limit(self) -> int:
@@ -213,6 +224,8 @@ class ChatService:
     def answer(self, question: str, history: list[tuple[str, str]] | None = None) -> Stream:
         if self.draining:
             raise BusyError(DRAINING_MESSAGE)
+        if self.backend is None:
+            raise StartingError(STARTING_MESSAGE)
         question = (question or "").strip()
         if not question:
             raise ChatError("Please type a question.")

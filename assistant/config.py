@@ -88,6 +88,10 @@ class ServeConfig:
     """Address the server binds; 127.0.0.1 keeps it off the network."""
     port: int = 7860
     """Port the server listens on."""
+    staff_host: str = "127.0.0.1"
+    """Address the staff view binds when staff_port is set; 127.0.0.1 keeps it off the network."""
+    staff_port: int = 0
+    """Port of the staff view and its sign-in; 0 serves them on the chat port, any other port takes them off the chat port (404 there)."""
     staff_session_hours: float = 8.0
     """How long a staff sign-in lasts; then staff sign in again."""
     max_conversation_turns: int = 20
@@ -131,6 +135,8 @@ class ServeConfig:
         check(1 <= self.concurrency <= 64, "concurrency must be between 1 and 64")
         check(0 <= self.max_queue <= 1000, "max_queue must be between 0 and 1000")
         check(0 < self.port < 65536, "port must be between 1 and 65535")
+        check(0 <= self.staff_port < 65536, "staff_port must be between 1 and 65535, or 0 to serve staff on the chat port")
+        check(self.staff_port != self.port, "staff_port must differ from port (0 serves staff on the chat port)")
         check(0 < self.staff_session_hours <= 24 * 30, "staff_session_hours must be between 0 and 720")
         check(1 <= self.max_conversation_turns <= 1000, "max_conversation_turns must be between 1 and 1000")
         check(1_000 <= self.max_history_bytes <= 10_000_000, "max_history_bytes must be between 1000 and 10000000")

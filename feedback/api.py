@@ -109,7 +109,7 @@ def routes(service, db, base_model: str, metrics, turns_in_flight: set, busy_err
             stream, turn_id = await run_in_threadpool(start)
         except busy_error as exc:
             metrics.busy_refusals.inc()
-            return _error(503 if service.draining else 429, str(exc), "server_busy", headers={"Retry-After": "30"})
+            return _error(503 if service.draining or service.loading else 429, str(exc), "server_busy", headers={"Retry-After": "30"})
         except chat_error as exc:
             return _error(400, str(exc), "invalid_request_error")
         created, model = int(time.time()), _model_name(service)

@@ -40,11 +40,15 @@ def cmd_serve(args) -> int:
     logs.configure(cfg.log_format, args.verbose)
     # The server's own status lines: printed for people, one JSON event each for a log shipper.
     say = (lambda text: print(text, flush=True)) if cfg.log_format == "text" else logging.getLogger("tuneloop").info
+    fail = ((lambda text: print(text, file=sys.stderr, flush=True)) if cfg.log_format == "text"
+            else logging.getLogger("tuneloop").error)
     privacy.load_config()  # a bad [privacy] table stops the start, not every answer
-    backend = make_backend(cfg)
     db = ThreadLocalDB()
-    service = ChatService(cfg, backend, references=KnowledgeIndex(db.get))
-    demo = app.build_app(service, db, backend.base.model_id, title=cfg.title)
+    # No model yet: the port opens first (/healthz 200, /readyz 503 "starting", a question is asked to
+    # come back in a moment) and the model loads behind it. Every backend keeps the base model id it
+    # was given (assistant.model.prepare), so the turns log cfg.base_model as before.
+    service = ChatService(cfg, None, references=KnowledgeIndex(db.get))
+    demo = app.build_app(service, db, cfg.base_model, title=cfg.title)
     # Handlers before the port opens: a SIGTERM right after /readyz first says 200 must drain, not kill.
     stop = threading.Event()
 
@@ -52,11 +56,51 @@ def cmd_serve(args) -> int:
         service.draining = True  # /readyz 503 and new questions refused at once, even mid-start
         stop.set()
 
+    def close() -> None:
+        import contextlib
+        import io
+
+        # Gradio prints a plain "Closing server" line per server on close, which would break a JSON
+        # log's one object per line; our own "stopped" line (or error line) says it for both formats.
+        with contextlib.redirect_stdout(io.StringIO()):
+            app.close(demo)
+        db.get().conn.close()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_stop)
-    app.launch(demo, cfg.host, cfg.port, cfg.concurrency, block=False)
+    try:
+        # Checks every address first: a taken port is said before anything listens or loads.
+        app.launch(demo, cfg.host, cfg.port, cfg.concurrency, block=False)
+    except app.AddressInUse as exc:
+        fail(f"tuneloop: {exc}")
+        return 1
+    loaded: dict = {}
+
+    def load() -> None:
+        try:
+            loaded["backend"] = make_backend(cfg)
+        except Exception as exc:
+            loaded["error"] = exc
+
+    # The model loads on a thread of its own so the main thread stays free for the signal handlers.
+    loader = threading.Thread(target=load, name="tuneloop-load-model", daemon=True)
+    loader.start()
+    while loader.is_alive() and not stop.is_set():
+        loader.join(0.2)
+    if "backend" not in loaded:
+        close()
+        if stop.is_set():  # the loader is a daemon thread: it ends with the process
+            say("tuneloop: stopped (before the model had loaded)")
+            return 0
+        exc = loaded["error"]
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        fail(f"tuneloop: could not load the model {cfg.base_model}: {exc.__class__.__name__}{': ' + detail if detail else ''}")
+        return 1
+    backend = service.backend = loaded["backend"]
     say(f"tuneloop: serving {cfg.base_model} ({cfg.quantization}, {getattr(backend, 'name', cfg.backend)}) with adapter "
         f"{backend.active or 'none (base model)'} at http://{cfg.host}:{cfg.port}")
+    if cfg.staff_port:
+        say(f"tuneloop: staff view at http://{cfg.staff_host}:{cfg.staff_port}{app.STAFF_PATH}")
     while not stop.wait(1.0):  # wakes each second to let the signal handler run
         pass
     # Drain: /readyz turns 503 and new questions are refused; answers in flight get drain_s to end.
@@ -66,13 +110,7 @@ def cmd_serve(args) -> int:
     say(f"tuneloop: draining {service.in_flight} answer(s), up to {cfg.drain_s:g} s")
     drained = service.wait_idle(cfg.drain_s)
     cut = turns.mark_interrupted(db.get(), sorted(demo.tuneloop_turns_in_flight))
-    import contextlib
-    import io
-
-    # Gradio prints a plain "Closing server" line on close, which would break a JSON log's one object per line.
-    with contextlib.redirect_stdout(io.StringIO()) if cfg.log_format == "json" else contextlib.nullcontext():
-        demo.close()
-    db.get().conn.close()
+    close()
     say(f"tuneloop: stopped ({'all answers finished' if drained else f'{cut} answer(s) cut off'})")
     return 0
 
