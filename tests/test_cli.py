@@ -27,13 +27,15 @@ def all_commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):
                     yield path, sub
 
 
-def test_every_command_has_help_and_is_in_the_readme():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+def test_every_command_has_help_and_is_in_the_readme_and_the_cli_page():
+    """The README's short command list and docs/cli.md (options and examples) each name every command."""
+    pages = {name: (REPO / name).read_text(encoding="utf-8") for name in ("README.md", "docs/cli.md")}
     commands = list(all_commands(cli.build_parser()))
     assert len(commands) >= 4
     for path, sub in commands:
         assert sub.description and len(sub.description) > 10, f"{' '.join(path)} has no help text"
-        assert f"tuneloop {' '.join(path)}" in readme, f"`tuneloop {' '.join(path)}` is missing from README.md"
+        for name, text in pages.items():
+            assert f"tuneloop {' '.join(path)}" in text, f"`tuneloop {' '.join(path)}` is missing from {name}"
 
 
 def test_help_runs_for_each_command(capsys):
