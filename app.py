@@ -28,6 +28,7 @@ import logging
 import re
 import secrets
 import socket
+import time
 import urllib.parse
 
 from assistant import paths
@@ -820,6 +821,25 @@ def launch(demo: gr.Blocks, host: str, port: int, concurrency: int, block: bool 
         if staff is not None:
             staff.close()
         raise
+
+
+def wait_delivered(demo: gr.Blocks, timeout_s: float, flush_s: float = 2.0) -> bool:
+    """Wait until no event of the app runs and the messages Gradio still holds for its clients have
+    left (at most ``flush_s`` of the wait): closing stops Gradio's queue, and a client whose final
+    message is still queued then gets "unexpected_error" instead of its answer. False on timeout."""
+    blocks = [demo] + [b for b in [getattr(demo, "tuneloop_staff", None)] if b is not None]
+    deadline = time.monotonic() + timeout_s
+    while any(b._queue.get_active_worker_count() for b in blocks) or demo.tuneloop_turns_in_flight:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    # A client gone mid-answer never collects its messages: they hold the close back flush_s at most.
+    flush_deadline = min(deadline, time.monotonic() + flush_s)
+    while any(not queue.empty() for b in blocks for queue in list(b._queue.pending_messages_per_session.values())):
+        if time.monotonic() >= flush_deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def close(demo: gr.Blocks) -> None:

@@ -170,14 +170,13 @@ def test_entrypoint_sets_up_a_new_home_with_the_demo_pack_once(tiny_model_dir, t
     assert sorted(p.name for p in paths.datasets_dir().iterdir()) == ["d0001"]
     examples = paths_rows("SELECT count(*) FROM examples")
     assert examples[0][0] >= 1000
-    # Warmed up first: on a home with a knowledge index, a SIGTERM while a fresh server's first answer
-    # is in flight fails that answer ('unexpected_error' at the client; seen 3 times in 3 runs of this
-    # test without the warm-up; reported with issue 32), which is not what this test is about.
-    output = serve_and_drain(env, url, answers=1, warm_up=True)
+    # No warm-up: a fresh server's first answer, in flight at the SIGTERM, must reach its client (it
+    # once got "unexpected_error": the queue stopped before its last message left, app.wait_delivered).
+    output = serve_and_drain(env, url, answers=1)
     assert "setting it up" not in output, output
     assert sorted(p.name for p in paths.datasets_dir().iterdir()) == ["d0001"]
     assert paths_rows("SELECT count(*) FROM examples") == examples
-    assert paths_rows("SELECT status, count(*) FROM turns GROUP BY status") == [("complete", 3)]
+    assert paths_rows("SELECT status, count(*) FROM turns GROUP BY status") == [("complete", 2)]
 
 
 @pytest.mark.parametrize("setting", ["file", "env"])

@@ -16,6 +16,7 @@ import signal
 import sys
 import textwrap
 import threading
+import time
 from importlib import metadata
 
 from assistant import paths
@@ -108,7 +109,10 @@ def cmd_serve(args) -> int:
         signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
     service.draining = True
     say(f"tuneloop: draining {service.in_flight} answer(s), up to {cfg.drain_s:g} s")
+    deadline = time.monotonic() + cfg.drain_s
     drained = service.wait_idle(cfg.drain_s)
+    # The answers' last messages must reach their clients before Gradio's queue stops.
+    app.wait_delivered(demo, max(1.0, deadline - time.monotonic()))
     cut = turns.mark_interrupted(db.get(), sorted(demo.tuneloop_turns_in_flight))
     close()
     say(f"tuneloop: stopped ({'all answers finished' if drained else f'{cut} answer(s) cut off'})")
