@@ -402,7 +402,9 @@ def follow_pointer(backend) -> None:
     backends share. A refused adapter leaves the previous one serving and is reported in the
     backend's ``last_error``. The backend brings ``_swap_lock``, ``_watch`` (a
     :class:`_PointerWatch`), ``_gate`` (a :class:`_SwapGate`), ``active``, ``on_model_thread`` and
-    ``_activate(version)``, which loads the version (None = the base) on the model thread."""
+    ``_activate(version)``, which loads the version (None = the base) on the model thread.
+    A backend that serves a version by hand (``use(version)``, for evaluation) replaces ``_watch``
+    with a fresh one, so the next call reads the pointer again and goes back to what it names."""
     with backend._swap_lock:
         if not backend._watch.changed():
             return

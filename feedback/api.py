@@ -81,13 +81,20 @@ def routes(service, db, base_model: str, metrics, turns_in_flight: set, busy_err
                           "rate_limit_exceeded", headers={"Retry-After": "60"})
         return found
 
-    async def completions(request: Request):
+    async def caller_and_body(request: Request) -> tuple[dict, dict] | JSONResponse:
+        """The key's record and the JSON body, or the refusal to send: the key is checked first,
+        so a bad key costs no body reading."""
         found = await caller(request)
         if isinstance(found, JSONResponse):
             return found
         body = await _json_body(request)
-        if isinstance(body, JSONResponse):
-            return body
+        return body if isinstance(body, JSONResponse) else (found, body)
+
+    async def completions(request: Request):
+        checked = await caller_and_body(request)
+        if isinstance(checked, JSONResponse):
+            return checked
+        found, body = checked
         parsed = _conversation(body)
         if isinstance(parsed, JSONResponse):
             return parsed
@@ -157,12 +164,10 @@ def routes(service, db, base_model: str, metrics, turns_in_flight: set, busy_err
             {"id": _model_name(service), "object": "model", "created": 0, "owned_by": "tuneloop"}]}, headers=NO_STORE)
 
     async def feedback(request: Request):
-        found = await caller(request)
-        if isinstance(found, JSONResponse):
-            return found
-        body = await _json_body(request)
-        if isinstance(body, JSONResponse):
-            return body
+        checked = await caller_and_body(request)
+        if isinstance(checked, JSONResponse):
+            return checked
+        found, body = checked
         turn_id = body.get("turn_id", body.get("id"))
         if isinstance(turn_id, str) and turn_id.startswith("chatcmpl-"):
             turn_id = turn_id.removeprefix("chatcmpl-")
