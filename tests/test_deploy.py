@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import zipfile
 from pathlib import Path
@@ -31,7 +30,7 @@ from assistant.config import ServeConfig
 from feedback import apikeys
 from feedback.db import connect
 from test_app import free_port, serve_scripted
-from test_operations import paths_rows
+from test_operations import SCRIPTED_CLI, paths_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 
@@ -40,24 +39,9 @@ DEPLOY = REPO / "deploy"
 ENTRYPOINT = DEPLOY / "entrypoint.sh"
 HEALTHCHECK = DEPLOY / "healthcheck.py"
 
-# `tuneloop` on PATH for the entrypoint: the real command line, with the scripted backend (0.15 s a
-# word) in place of a model for `serve`, as in test_operations' drain test.
-TUNELOOP_SCRIPTED = textwrap.dedent("""
-    import sys
-    from assistant import chat
-    from tuneloop import cli
-
-    class Base:
-        model_id = "scripted-base"
-
-    def make_backend(cfg):
-        backend = chat.ScriptedBackend(delay_s=0.15)
-        backend.base = Base()
-        return backend
-
-    chat.make_backend = make_backend
-    sys.exit(cli.main(sys.argv[1:]))
-""")
+# `tuneloop` on PATH for the entrypoint: the real command line with the scripted backend in place of
+# a model for `serve`, as in test_operations' drain test.
+TUNELOOP_SCRIPTED = SCRIPTED_CLI + "sys.exit(cli.main(sys.argv[1:]))\n"
 
 
 def entrypoint_env(tmp_path: Path, port: int, **extra: str) -> dict:

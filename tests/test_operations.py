@@ -93,7 +93,9 @@ def _try_ask(served, question: str) -> str:
         return "busy" if "busy" in str(exc) else f"failed: {exc}"
 
 
-SERVE_SCRIPTED = textwrap.dedent("""
+# The real command line with the scripted backend (0.15 s a word) in place of a model; a script
+# ends it with the cli.main call it needs (test_deploy runs it as `tuneloop` on PATH).
+SCRIPTED_CLI = textwrap.dedent("""
     import sys
     from assistant import chat
     from tuneloop import cli
@@ -107,8 +109,8 @@ SERVE_SCRIPTED = textwrap.dedent("""
         return backend
 
     chat.make_backend = make_backend
-    sys.exit(cli.main(["serve", "--port", sys.argv[1], "--drain-s", "20"]))
 """)
+SERVE_SCRIPTED = SCRIPTED_CLI + 'sys.exit(cli.main(["serve", "--port", sys.argv[1], "--drain-s", "20"]))\n'
 
 
 def test_sigterm_lets_answers_in_flight_finish(tuneloop_home):

@@ -90,14 +90,7 @@ def test_nothing_typed_into_the_chat_is_kept_anywhere(tuneloop_home):
             assert secret not in queue and secret not in item, secret
     stored = served.rows("SELECT question, coalesce(answer, ''), history FROM turns")
     assert stored[0][0] == "card [CARD], IBAN [IBAN], mail [EMAIL], phone [PHONE], ssn [SSN]"
-    # Nothing under the home holds them: the database, its WAL, Gradio's files, logs.
-    with sqlite3.connect(paths.feedback_db()) as conn:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    for file in paths.home().rglob("*"):
-        if file.is_file():
-            raw = file.read_bytes()
-            for secret in SECRETS:
-                assert secret.encode() not in raw, (file, secret)
+    assert_no_file_holds(SECRETS)
 
 
 def test_nothing_sent_to_the_api_is_kept_anywhere_nor_shown_to_staff(tuneloop_home):
@@ -123,10 +116,15 @@ def test_nothing_sent_to_the_api_is_kept_anywhere_nor_shown_to_staff(tuneloop_ho
         for secret in SECRETS:
             assert secret not in response.text and secret not in queue and secret not in item, secret
     assert served.rows("SELECT question FROM turns") == [("card [CARD], IBAN [IBAN], mail [EMAIL]",)]
+    assert_no_file_holds(SECRETS)
+
+
+def assert_no_file_holds(secrets) -> None:
+    """Nothing under the home holds them: the database, its WAL (checkpointed first), Gradio's files, logs."""
     with sqlite3.connect(paths.feedback_db()) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     for file in paths.home().rglob("*"):
         if file.is_file():
             raw = file.read_bytes()
-            for secret in SECRETS:
+            for secret in secrets:
                 assert secret.encode() not in raw, (file, secret)
