@@ -125,6 +125,8 @@ def _wait_for_stage(stage: str, process: subprocess.Popen, timeout: float = 120)
     raise AssertionError(f"the retrain never reached stage {stage!r}")
 
 
+# Slow tier: a real (tiny) training killed with -9, then a whole recovering run (35 s on 2 cores).
+@pytest.mark.slow
 def test_kill_during_training_keeps_the_adapter_serving_and_the_next_run_recovers(tiny_model_dir, tuneloop_home):
     from test_assistant import make_adapter
 

@@ -232,6 +232,8 @@ def test_installed_gradio_carries_every_known_file_route_and_ssrf_fix():
 # --- hostile text through the live API -----------------------------------------------------------
 
 
+# Slow tier: every hostile text through the live server, one request each (50 s on 2 cores).
+@pytest.mark.slow
 def test_hostile_text_through_the_api_is_refused_clearly_or_stored_and_shown_escaped(served):
     customer, staff = served.client(), _staff(served)
     handled = 0

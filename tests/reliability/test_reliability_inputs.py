@@ -84,6 +84,8 @@ def test_chat_message_is_refused_clearly_or_stored_exactly(message, world):
     assert _one(db, "SELECT question, status FROM turns WHERE id = ?", [turn_id]) == (message.strip(), "complete")
 
 
+# Slow tier: a hypothesis sweep (42 s on 2 cores); the fast tier keeps the chat-message sweep above.
+@pytest.mark.slow
 @FUZZ
 @given(reason=TEXT, value=st.sampled_from(["up", "down", "Down ", 1, -1]))
 def test_vote_reason_is_refused_clearly_or_stored_exactly(reason, value, world):
@@ -247,6 +249,8 @@ def test_lone_surrogates_get_a_clear_error(field, world, no_embedding_model):
             entry_points()[field](db, session, turn_id, text)
 
 
+# Slow tier: each hostile text at each entry point, the sign-in's argon2 hash included (42 s on 2 cores).
+@pytest.mark.slow
 def test_every_entry_point_handles_every_hostile_text(world, no_embedding_model):
     tried, handled, failures = bad_input_sweep(*world, BAD_TEXTS)
     assert failures == [] and tried == handled == len(BAD_TEXTS) * len(entry_points())
