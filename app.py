@@ -38,7 +38,7 @@ paths.configure_environment()
 import gradio as gr  # noqa: E402  (imported after the environment keeps it offline and quiet)
 
 from assistant import adapters  # noqa: E402
-from assistant.chat import STARTING_MESSAGE, BusyError, ChatError, ChatService, StartingError  # noqa: E402
+from assistant.chat import CUT, STARTING_MESSAGE, BusyError, ChatError, ChatService, StartingError  # noqa: E402
 from assistant.metrics import CONTENT_TYPE, ServingMetrics  # noqa: E402
 from feedback import auth, privacy, review, store, turns  # noqa: E402
 from feedback import api as channel_api  # noqa: E402  (the OpenAI-compatible /v1 routes)
@@ -55,6 +55,7 @@ TITLE = "tuneloop assistant"
 # Shown as the answer from the moment a question is sent until its first token arrives: a title
 # with Gradio's spinner and no text, so an API caller timing the first text is not misled.
 TYPING = "Writing an answer…"
+ANSWERING_NOTE = "Writing an answer: your next question stays in the box until it is done (or press Stop)."
 STAFF_PATH = "/staff"
 STAFF_LOGIN_PATH = "/staff/login"
 STAFF_LOGOUT_PATH = "/staff/logout"
@@ -81,15 +82,22 @@ API_NAMES = {
     "chat": "message",
     "vote": "turn_id, value ('up' or 'down'), reason (optional, thumbs-down only)",
     "staff_signout": "",
-    "review_queue": "page (1 = newest complaints first)",
+    "review_queue": "page (1 = newest complaints first), then the filters (thumbs-down only, has a correction, "
+                    "not yet reviewed, adapter, label, from day, to day, show CLI/test turns), all optional",
     "review_item": "turn_id",
-    "correct": "turn_id, corrected answer, label (optional)",
-    "approve": "turn_id, label (optional)",
+    "correct": "turn_id, corrected answer, label (optional), new label (when the label is 'new label…')",
+    "approve": "turn_id, label (optional), new label (when the label is 'new label…')",
+    "reject": "turn_id (out of the queue, never trained on)",
+    "undo": "turn_id (reverts your latest correction, approval or rejection of it)",
     "add_example": "question, answer, label (optional)",
     "review_next_pair": "",
     "review_mark": "pair_id, A accurate and helpful (bool), B accurate and helpful (bool)",
 }
 QUEUE_HEADERS = ["answer #", "vote", "reason", "question", "answer", "adapter", "asked at (UTC)"]
+# The label list's deliberate step to a label the data does not have yet (a textbox appears for it).
+NEW_LABEL = "new label…"
+# Keyboard shortcuts of the staff review panel: key (with Alt) -> the elem_id of the button it presses.
+REVIEW_KEYS = {"Enter": "review-save-next", "ArrowRight": "review-skip", "ArrowLeft": "review-previous"}
 
 
 def _shown(fn):
@@ -215,14 +223,17 @@ def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, bas
         try:
             for _piece in stream:
                 history[-1] = {"role": "assistant", "content": _as_text(stream.text)}
-                yield history, "", session_id, turn_id, answer_turns
-            status = "complete"
+                # The box is left alone (it was cleared when the question was taken): a draft the
+                # customer types meanwhile survives every piece of the answer.
+                yield history, gr.update(), session_id, turn_id, answer_turns
+            # An answer cut at max_new_tokens was trimmed to its last sentence end (Stream).
+            status = "cut" if stream.stats.finish_reason == CUT else "complete"
         except Exception as exc:
             failure = _internal_error(f"generation failed for turn {turn_id}")
             status, error = "error", f"{failure.message}: {exc.__class__.__name__}: {exc}"
         finally:
-            # Runs also when the customer disconnects mid-answer (GeneratorExit): what was
-            # streamed so far is kept, marked "interrupted".
+            # Runs also when the customer disconnects or presses Stop mid-answer (GeneratorExit):
+            # what was streamed so far is kept, marked "interrupted".
             turns.finish_turn(db.get(), turn_id, stream.text, stream.stats, status, error)
             demo.tuneloop_turns_in_flight.discard(turn_id)
             metrics.observe(status, stream.stats)
@@ -232,9 +243,9 @@ def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, bas
             if not stream.text:
                 history.pop()
                 answer_turns.pop()
-            yield history + [_chat_note(failure.message)], "", session_id, turn_id, answer_turns + [None]
+            yield history + [_chat_note(failure.message)], gr.update(), session_id, turn_id, answer_turns + [None]
             raise gr.Error(failure.message, visible=False, print_exception=False)
-        yield history, "", session_id, turn_id, answer_turns
+        yield history, gr.update(), session_id, turn_id, answer_turns
 
     @_shown
     def vote(turn_id: int, value: str, reason: str, session_id: str | None) -> str:
@@ -269,6 +280,10 @@ def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, bas
     with gr.Row():
         box = gr.Textbox(placeholder="Ask a question…", show_label=False, scale=8, max_lines=6)
         send = gr.Button("Send", variant="primary", scale=1)
+        stop = gr.Button("Stop", variant="stop", scale=1, visible=False)
+    # Shown while an answer streams: the page takes one question at a time (a second Enter is not
+    # sent) and the draft stays in the box until this answer ends or is stopped.
+    waiting = gr.Markdown(ANSWERING_NOTE, visible=False, elem_id="answering-note")
     if cfg.disclaimer.strip():
         gr.Markdown(html.escape(cfg.disclaimer.strip()), elem_id="disclaimer")
     with gr.Row(visible=False) as reason_row:
@@ -284,27 +299,62 @@ def _customer_page(demo: gr.Blocks, service: ChatService, db: ThreadLocalDB, bas
         vote_reason = gr.Textbox(label="reason")
         vote_button = gr.Button("vote")
 
+    # Stop takes Send's place while an answer streams (as gr.ChatInterface does); registered before
+    # the answer's event because the page runs a trigger's events in the order they were added.
+    # Queued like every event here: _SurfaceGuard refuses /run/predict, the route of queue=False events.
+    controls = [send, stop, waiting]
+    gr.on([box.submit, send.click], _answering, None, controls, api_visibility="private")
     # No session on page load: a conversation (a row in SQLite) starts with its first message.
-    for trigger in (box.submit, send.click):
-        trigger(
-            respond,
-            inputs=[box, session],
-            outputs=[chatbot, box, session, last_turn, answer_turns],
-            api_name="chat" if trigger == box.submit else False,
-            concurrency_id="chat",
-            # Gradio's queue does not hold chats back: ChatService admits `concurrency` answers
-            # plus `max_queue` waiting and tells the rest, at once, to try again.
-            concurrency_limit=service.in_flight_limit,
-        )
+    # Enter and Send are one event: its default trigger_mode "once" makes the page send nothing
+    # more while an answer streams, so a second question stays in the box (two events would let
+    # Enter start a second answer beside one Send started).
+    ask = gr.on(
+        [box.submit, send.click],
+        respond,
+        inputs=[box, session],
+        outputs=[chatbot, box, session, last_turn, answer_turns],
+        api_name="chat",
+        concurrency_id="chat",
+        # Gradio's queue does not hold chats back: ChatService admits `concurrency` answers
+        # plus `max_queue` waiting and tells the rest, at once, to try again.
+        concurrency_limit=service.in_flight_limit,
+    )
     # A click on an example question asks it, as if typed and sent.
-    chatbot.example_select(_example_text, None, box, api_visibility="private").then(
+    example = chatbot.example_select(_example_text, None, box, api_visibility="private")
+    example.then(_answering, None, controls, api_visibility="private")
+    ask_example = example.then(
         respond, inputs=[box, session], outputs=[chatbot, box, session, last_turn, answer_turns],
         api_visibility="private", concurrency_id="chat", concurrency_limit=service.in_flight_limit,
     )
+    # Stop cancels the answer's event; Gradio closes `respond` once the piece being generated is done:
+    # its finally logs what streamed so far as "interrupted", and the answer's stream, closed with it,
+    # gives its ChatService place back then.
+    for event in (ask, ask_example):
+        event.then(_answered, None, controls, api_visibility="private")
+    stop.click(_stopped, chatbot, [*controls, chatbot], cancels=[ask, ask_example], api_visibility="private")
     vote_button.click(vote, [vote_turn, vote_value, vote_reason, session], vote_note, api_name="vote")
     chatbot.like(vote_from_like, [answer_turns, session], [vote_note, reason_row, reason_turn], api_visibility="private")
     for trigger in (reason.submit, reason_send.click):
         trigger(send_reason, [reason, reason_turn, session], [vote_note, reason_row], api_visibility="private")
+
+
+def _answering():
+    """Send, Stop and the one-at-a-time note while an answer streams: Send hidden, the others shown."""
+    return gr.update(visible=False), gr.update(visible=True), gr.update(visible=True)
+
+
+def _answered():
+    """Send, Stop and the note once the answer has ended, failed or been stopped."""
+    return gr.update(visible=True), gr.update(visible=False), gr.update(visible=False)
+
+
+def _stopped(history: list | None):
+    """After Stop: the controls as :func:`_answered` leaves them, and the chat without a typing mark
+    left at its end (stopped before the first word: the question stays, with no answer)."""
+    history = list(history or [])
+    if history and (history[-1].get("metadata") or {}).get("title") == TYPING:
+        history.pop()
+    return (*_answered(), history)
 
 
 def _chat_note(text: str) -> dict:
@@ -343,20 +393,34 @@ def _staff_page(demo: gr.Blocks, db: ThreadLocalDB, title: str) -> None:
         return "", gr.update(visible=False), gr.update(visible=True)
 
     @_shown
-    def queue(page: float | None, request: gr.Request):
+    def queue(page: float | None, thumbs_down, has_correction, not_reviewed, adapter, label_filter,
+              since, until, show_hidden, request: gr.Request):
+        filters = (thumbs_down, has_correction, not_reviewed, adapter, label_filter, since, until, show_hidden)
         signed_in(request)
         return [
             [item["turn_id"], item["vote"] or "", item["reason"] or "", item["question"],
              item["answer"] or "", item["adapter"] or "base model", item["created_at"][:19].replace("T", " ")]
-            for item in store.review_queue(db.get(), _page(page))
+            for item in store.review_queue(db.get(), _page(page), filters=_queue_filter(*filters))
         ]
 
     @_shown
-    def queue_note(page: float | None, request: gr.Request) -> str:
+    def queue_note(page: float | None, thumbs_down, has_correction, not_reviewed, adapter, label_filter,
+                   since, until, show_hidden, request: gr.Request) -> str:
+        filters = (thumbs_down, has_correction, not_reviewed, adapter, label_filter, since, until, show_hidden)
         signed_in(request)
-        waiting = store.review_queue_size(db.get())
-        pages = max(1, -(-waiting // store.REVIEW_PAGE_SIZE))
-        return f"Page {_page(page)} of {pages}: {waiting} answers wait for review."
+        chosen = _queue_filter(*filters)
+        listed = store.review_queue_size(db.get(), chosen)
+        pages = max(1, -(-listed // store.REVIEW_PAGE_SIZE))
+        counts = store.review_counts(db.get(), chosen.show_hidden)
+        return (f"Page {_page(page)} of {pages}: {listed} answers match the filters. "
+                + " · ".join(f"{name}: {counts[key]}" for key, name in (
+                    ("thumbs_down", "thumbs-down"), ("has_correction", "has a correction"),
+                    ("not_reviewed", "not reviewed"), ("rejected", "rejected"), ("all", "all"))))
+
+    @_shown
+    def label_choices(request: gr.Request):
+        signed_in(request)
+        return gr.update(choices=[""] + store.labels(db.get()))
 
     @_shown
     def newer_page(page: float | None, request: gr.Request) -> int:
@@ -368,9 +432,14 @@ def _staff_page(demo: gr.Blocks, db: ThreadLocalDB, title: str) -> None:
         signed_in(request)
         return _page(page) + 1
 
-    @_shown
-    def open_item(turn_id: int | None, request: gr.Request):
-        signed_in(request)
+    def panel_for(turn_id: int | None, note: str = ""):
+        """The item panel for ``turn_id``; an empty panel (and ``note``) when there is none."""
+        if turn_id is None:
+            return (None, [], "", "Nothing left in this queue.", "", "", gr.update(value=None), "",
+                    gr.update(value="", visible=False), "", note or "Nothing left in this queue.")
+        return show_item(turn_id) + (note,)
+
+    def show_item(turn_id: int):
         item = store.review_item(db.get(), turn_id)
         conversation = []
         for asked, answered in item["history"] + [[item["question"], item["answer"] or ""]]:
@@ -382,18 +451,70 @@ def _staff_page(demo: gr.Blocks, db: ThreadLocalDB, title: str) -> None:
         if done:
             vote += "; already reviewed: " + ", ".join(done)
         latest_label = next((c["label"] for c in reversed(item["corrections"]) if c["label"]), "")
-        return (conversation, item["adapter"] or "none (base model)", vote, item["answer"] or "", latest_label,
-                _references_text(item["references"]))
+        # The correction box starts empty: the answer it corrects is shown beside it, not inside it.
+        return (item["turn_id"], conversation, item["adapter"] or "none (base model)", vote, item["answer"] or "", "",
+                gr.update(choices=[""] + store.labels(db.get()) + [NEW_LABEL], value=latest_label),
+                "", gr.update(value="", visible=False), _references_text(item["references"]))
 
     @_shown
-    def correct(turn_id: int | None, answer: str, label: str, request: gr.Request):
-        row = store.record_correction(db.get(), signed_in(request), turn_id, answer, label)
+    def open_item(turn_id: int | None, request: gr.Request):
+        signed_in(request)
+        return show_item(turn_id)
+
+    def chosen_label(label: str | None, new_label: str | None) -> str | None:
+        # "new label…" is a deliberate step: the label is the textbox's, refused if it only re-spells one.
+        return store.check_new_label(db.get(), new_label) if label == NEW_LABEL else label
+
+    @_shown
+    def correct(turn_id: int | None, answer: str, label: str, new_label: str | None = None, request: gr.Request = None):
+        staff = signed_in(request)
+        row = store.record_correction(db.get(), staff, turn_id, answer, chosen_label(label, new_label))
         return f"Correction {row} saved for answer {int(turn_id)}."
 
     @_shown
-    def approve(turn_id: int | None, label: str, request: gr.Request):
-        row = store.approve(db.get(), signed_in(request), turn_id, label)
+    def approve(turn_id: int | None, label: str, new_label: str | None = None, request: gr.Request = None):
+        staff = signed_in(request)
+        row = store.approve(db.get(), staff, turn_id, chosen_label(label, new_label))
         return f"Answer {int(turn_id)} approved (row {row})."
+
+    @_shown
+    def reject(turn_id: int | None, request: gr.Request):
+        store.reject(db.get(), signed_in(request), turn_id)
+        return f"Answer {int(turn_id)} rejected: out of the queue, never trained on (Undo brings it back)."
+
+    @_shown
+    def undo(turn_id: int | None, request: gr.Request):
+        undone = store.undo(db.get(), signed_in(request), turn_id)
+        return f"Your {undone['action']} of answer {int(turn_id)} is undone."
+
+    @_shown
+    def save_and_next(turn_id, answer, label, new_label, thumbs_down, has_correction, not_reviewed, adapter,
+                      label_filter, since, until, show_hidden, request: gr.Request):
+        filters = (thumbs_down, has_correction, not_reviewed, adapter, label_filter, since, until, show_hidden)
+        staff = signed_in(request)
+        # The next item is found before saving: a saved item may leave the filtered queue.
+        following = store.queue_neighbour(db.get(), turn_id, _queue_filter(*filters), 1)
+        row = store.record_correction(db.get(), staff, turn_id, answer, chosen_label(label, new_label))
+        return panel_for(following, f"Correction {row} saved for answer {int(turn_id)}.")
+
+    def move(step: int):
+        @_shown
+        def to_neighbour(turn_id, thumbs_down, has_correction, not_reviewed, adapter, label_filter, since, until,
+                         show_hidden, request: gr.Request):
+            filters = (thumbs_down, has_correction, not_reviewed, adapter, label_filter, since, until, show_hidden)
+            signed_in(request)
+            return panel_for(store.queue_neighbour(db.get(), turn_id, _queue_filter(*filters), step))
+        return to_neighbour
+
+    @_shown
+    def show_diff(answer: str | None, correction: str | None, request: gr.Request) -> str:
+        signed_in(request)
+        return review.word_diff_html(answer, correction)
+
+    @_shown
+    def new_label_box(label: str | None, request: gr.Request):
+        signed_in(request)
+        return gr.update(visible=label == NEW_LABEL, value="")
 
     @_shown
     def add_example(question: str, answer: str, label: str, request: gr.Request):
@@ -415,26 +536,51 @@ def _staff_page(demo: gr.Blocks, db: ThreadLocalDB, title: str) -> None:
         refresh_model, model_outputs = _model_section(db, signed_in)
         gr.Markdown("### Review queue: thumbs-down first (newest first), then thumbs-up awaiting approval, then unrated answers")
         with gr.Row():
+            thumbs_down = gr.Checkbox(False, label="thumbs-down only")
+            has_correction = gr.Checkbox(False, label="has a correction")
+            not_reviewed = gr.Checkbox(True, label="not yet reviewed")
+            show_hidden = gr.Checkbox(False, label="show CLI/test turns")
+        with gr.Row():
+            adapter_filter = gr.Textbox("", label="Adapter version ('base' for the base model)", max_length=200)
+            label_filter = gr.Dropdown([""], value="", label="With label", filterable=True, allow_custom_value=True)
+            since = gr.Textbox("", label="From day (YYYY-MM-DD)", max_length=10)
+            until = gr.Textbox("", label="To day (YYYY-MM-DD)", max_length=10)
+        with gr.Row():
             page = gr.Number(1, label="Page", precision=0, minimum=1, scale=1)
             newer = gr.Button("Newer", scale=1)
             older = gr.Button("Older", scale=1)
             refresh = gr.Button("Refresh queue", scale=1)
-        page_info = gr.Markdown()
+        page_info = gr.Markdown(elem_id="review-queue-note")
+        first_page = gr.Number(1, visible=False)
         queue_table = gr.Dataframe(headers=QUEUE_HEADERS, interactive=False, wrap=True, max_height=360)
         with gr.Row():
             turn_box = gr.Number(None, label="turn_id", precision=0, scale=1)
             open_button = gr.Button("Open answer", scale=1)
+        gr.Markdown("Keys: **Alt+Enter** save and next · **Alt+→** skip · **Alt+←** previous")
         conversation = gr.Chatbot(label="Conversation", height=300, render_markdown=False, sanitize_html=True)
         with gr.Row():
             adapter_used = gr.Textbox(label="Adapter that answered", interactive=False)
             vote_info = gr.Textbox(label="Customer rating", interactive=False)
         # Why it answered so: the approved pairs its prompt held (feedback.knowledge).
         references_info = gr.Textbox(label="References it was given", lines=3, interactive=False)
-        corrected = gr.Textbox(label="Corrected answer", lines=4, max_length=store.MAX_ANSWER_CHARS)
-        label = gr.Textbox(label="Product / intent label (optional)", max_length=store.MAX_LABEL_CHARS)
         with gr.Row():
-            correct_button = gr.Button("Save correction", variant="primary")
+            answer_shown = gr.Textbox(label="The answer given", lines=4, interactive=False)
+            corrected = gr.Textbox(label="Corrected answer", lines=4, max_length=store.MAX_ANSWER_CHARS)
+        # The one HTML view of a customer's or the model's words: review.word_diff_html escapes them.
+        diff = gr.HTML(label="Changes", elem_id="review-diff")
+        with gr.Row():
+            label = gr.Dropdown([""], value="", label="Product / intent label (optional)", filterable=True,
+                                allow_custom_value=True)
+            new_label = gr.Textbox("", label="New label", max_length=store.MAX_LABEL_CHARS, visible=False)
+        with gr.Row():
+            previous_button = gr.Button("Previous", elem_id="review-previous")
+            skip_button = gr.Button("Skip", elem_id="review-skip")
+            save_next_button = gr.Button("Save and next", variant="primary", elem_id="review-save-next")
+        with gr.Row():
+            correct_button = gr.Button("Save correction")
             approve_button = gr.Button("Approve answer as good")
+            reject_button = gr.Button("Reject (never train on it)")
+            undo_button = gr.Button("Undo my last action on it")
         with gr.Accordion("Add a question and answer by hand", open=False):
             example_question = gr.Textbox(label="Question", lines=2, max_length=store.MAX_QUESTION_CHARS)
             example_answer = gr.Textbox(label="Answer", lines=4, max_length=store.MAX_ANSWER_CHARS)
@@ -442,29 +588,64 @@ def _staff_page(demo: gr.Blocks, db: ThreadLocalDB, title: str) -> None:
             add_button = gr.Button("Add example")
         result = gr.Textbox(label="Result", interactive=False)
 
+    # The keyboard shortcuts press the panel's buttons (REVIEW_KEYS); bound once per page.
+    gr.HTML("", elem_id="review-keys", js_on_load="if (!window.tuneloopReviewKeys) { window.tuneloopReviewKeys = true; "
+            f"const keys = {json.dumps(REVIEW_KEYS)}; "
+            "document.addEventListener('keydown', (e) => { if (!e.altKey || !keys[e.key]) return; "
+            "const button = document.getElementById(keys[e.key]); if (button) { e.preventDefault(); button.click(); } }); }")
+
     private = dict(api_visibility="private")
-    item_outputs = [conversation, adapter_used, vote_info, corrected, label, references_info]
+    filters = [thumbs_down, has_correction, not_reviewed, adapter_filter, label_filter, since, until, show_hidden]
+    item_outputs = [turn_box, conversation, adapter_used, vote_info, answer_shown, corrected, label, diff, new_label,
+                    references_info]
+    queue_inputs = [page] + filters
     demo.load(load_panel, None, [whoami, panel, signed_out], **private).success(
         refresh_model, None, model_outputs, **private
-    ).success(queue, page, queue_table, **private).success(queue_note, page, page_info, **private)
+    ).success(queue, queue_inputs, queue_table, **private).success(queue_note, queue_inputs, page_info, **private
+    ).success(label_choices, None, label_filter, **private)
     signout_button.click(signout, None, [whoami, panel, signed_out], api_name="staff_signout")
-    refresh.click(queue, page, queue_table, api_name="review_queue").success(
-        queue_note, page, page_info, **private
+    refresh.click(queue, queue_inputs, queue_table, api_name="review_queue").success(
+        queue_note, queue_inputs, page_info, **private
     ).success(refresh_model, None, model_outputs, **private)
-    for button, move in ((newer, newer_page), (older, older_page)):
-        button.click(move, page, page, **private).success(
-            queue, page, queue_table, **private
-        ).success(queue_note, page, page_info, **private)
+    for button, to_page in ((newer, newer_page), (older, older_page)):
+        button.click(to_page, page, page, **private).success(
+            queue, queue_inputs, queue_table, **private
+        ).success(queue_note, queue_inputs, page_info, **private)
+    # A changed filter starts at page 1 (reusing newer_page from page 1 keeps it a signed-in event).
+    for component in filters:
+        component.change(newer_page, first_page, page, **private).success(
+            queue, queue_inputs, queue_table, **private
+        ).success(queue_note, queue_inputs, page_info, **private)
     queue_table.select(pick_row, None, turn_box, **private).success(open_item, turn_box, item_outputs, **private)
     open_button.click(open_item, turn_box, item_outputs, api_name="review_item")
-    correct_button.click(correct, [turn_box, corrected, label], result, api_name="correct").success(
-        queue, page, queue_table, **private
+    label.change(new_label_box, label, new_label, **private)
+    corrected.change(show_diff, [answer_shown, corrected], diff, **private)
+    save_next_button.click(save_and_next, [turn_box, corrected, label, new_label] + filters, item_outputs + [result],
+                           **private).success(queue, queue_inputs, queue_table, **private).success(
+        queue_note, queue_inputs, page_info, **private)
+    for button, step in ((skip_button, 1), (previous_button, -1)):
+        button.click(move(step), [turn_box] + filters, item_outputs + [result], **private)
+    correct_button.click(correct, [turn_box, corrected, label, new_label], result, api_name="correct").success(
+        queue, queue_inputs, queue_table, **private
     )
-    approve_button.click(approve, [turn_box, label], result, api_name="approve").success(
-        queue, page, queue_table, **private
+    approve_button.click(approve, [turn_box, label, new_label], result, api_name="approve").success(
+        queue, queue_inputs, queue_table, **private
     )
+    for button, action in ((reject_button, reject), (undo_button, undo)):
+        button.click(action, turn_box, result, api_name=action.__name__).success(
+            queue, queue_inputs, queue_table, **private
+        ).success(queue_note, queue_inputs, page_info, **private)
     add_button.click(add_example, [example_question, example_answer, example_label], result, api_name="add_example")
     _blind_review_section(db, panel, signed_in)
+
+
+def _queue_filter(thumbs_down, has_correction, not_reviewed, adapter, label, since, until,
+                  show_hidden) -> store.QueueFilter:
+    """The staff view's filter controls as a :class:`feedback.store.QueueFilter`."""
+    return store.QueueFilter(thumbs_down=bool(thumbs_down), has_correction=bool(has_correction),
+                             not_reviewed=bool(not_reviewed), adapter=(adapter or "").strip() or None,
+                             label=label or None, since=(since or "").strip() or None,
+                             until=(until or "").strip() or None, show_hidden=bool(show_hidden))
 
 
 def _page(page: float | None) -> int:
@@ -484,15 +665,20 @@ def _model_section(db: ThreadLocalDB, signed_in):
         current = gr.Textbox(label="Adapter serving now", interactive=False)
         run = gr.Textbox(label="Nightly retrain", interactive=False)
     decision = gr.Textbox(label="Last promotion decision", interactive=False, lines=4)
-    history = gr.Image(label="F1 across adapter versions", type="filepath", interactive=False, height=320)
+    # Hidden until a retrain has written the plot: a fresh install shows no empty frame.
+    history = gr.Image(label="F1 across adapter versions", type="filepath", interactive=False, height=320,
+                       visible=False)
 
     @_shown
     def refresh(request: gr.Request):
         # Staff only, like every staff event: reachable by its function index even without an API name.
         signed_in(request)
         png = review.f1_history_png()
+        # Before the first retrain there is no plot to show: the plot stays hidden and the decision
+        # and run boxes say "No retrain has run yet." instead of an empty frame.
         return (adapters.current_version() or "none (base model)", review.retrain_text(db.get()),
-                review.decision_text(review.last_decision(db.get())), str(png) if png else None)
+                review.decision_text(review.last_decision(db.get())),
+                gr.update(value=str(png) if png else None, visible=png is not None))
 
     return refresh, [current, run, decision, history]
 

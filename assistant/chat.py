@@ -10,6 +10,7 @@ Three backends implement :class:`Backend`: :class:`TransformersBackend` (the rea
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import weakref
@@ -55,11 +56,22 @@ class AnswerStats:
     """The references (:class:`Reference`) the prompt held, best first."""
     verbatim: int | None = None
     """The id of the reference whose approved answer was given as it is (:func:`answer_from_reference`)."""
+    finish_reason: str | None = None
+    """Why generation ended: "stop" (the model ended its answer), "length" (it reached ``max_new_tokens``;
+    :class:`Stream` then trims the text to its last sentence end), None while it runs or when stopped early."""
+
+
+CUT = "length"
+"""The finish reason of an answer cut at ``max_new_tokens``."""
 
 
 @dataclass
 class Stream:
-    """An answer being generated: iterate for text pieces; ``stats`` is final once exhausted."""
+    """An answer being generated: iterate for text pieces; ``stats`` is final once exhausted.
+
+    An answer cut at ``max_new_tokens`` ends clean: once exhausted, ``text`` is trimmed back to its
+    last sentence end (see :func:`trim_to_sentence`).
+    """
 
     pieces: Iterator[str]
     stats: AnswerStats
@@ -69,6 +81,23 @@ class Stream:
         for piece in self.pieces:
             self.text += piece
             yield piece
+        if self.stats.finish_reason == CUT:
+            self.text = trim_to_sentence(self.text)
+
+
+# A sentence ends at ". ", "!", "?" or a line break (not at the "." of "$2.50" or "7.75%").
+_SENTENCE_END = re.compile(r"\.(?=\s)|[!?]|\n")
+
+
+def trim_to_sentence(text: str) -> str:
+    """``text`` up to its last sentence end, if that keeps at least half of it; else ``text`` unchanged
+    (a long sentence cut short is better than most of the answer gone)."""
+    ends = [match.end() for match in _SENTENCE_END.finditer(text.rstrip())]
+    if text.rstrip().endswith((".", "!", "?")):
+        return text.rstrip()
+    if ends and ends[-1] >= len(text) / 2:
+        return text[: ends[-1]].rstrip()
+    return text
 
 
 class Backend(Protocol):
@@ -309,6 +338,11 @@ class ChatService:
                 if stats.first_token_s is None:
                     stats.first_token_s = time.perf_counter() - started
                 yield piece
+            if stats.finish_reason is None and stats.verbatim is None:
+                # A backend that does not say why it stopped (llama_cpp, vllm) ran to the end of its
+                # answer or to the token limit; its count includes the end token, so an answer ending
+                # exactly at the limit reads as cut.
+                stats.finish_reason = CUT if stats.tokens_out >= self.cfg.max_new_tokens else "stop"
         finally:
             stats.latency_s = time.perf_counter() - started
             release()
@@ -513,10 +547,12 @@ class TransformersBackend:
             prompt_len = inputs["input_ids"].shape[1]
             stats.tokens_in = prompt_len
             cancelled = threading.Event()
+            last_token: list[int] = []
 
             class _Progress(StoppingCriteria):
                 def __call__(self, input_ids, scores, **kwargs):
                     stats.tokens_out = input_ids.shape[1] - prompt_len
+                    last_token[:] = [int(input_ids[0, -1])]
                     return cancelled.is_set()
 
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
@@ -555,6 +591,14 @@ class TransformersBackend:
                     job.result()
             if failure:
                 raise failure[0]
+            ended = bool(last_token) and last_token[0] in self._end_ids()
+            stats.finish_reason = CUT if stats.tokens_out >= self.cfg.max_new_tokens and not ended else "stop"
+
+    def _end_ids(self) -> set[int]:
+        """The token ids that end an answer (generate stops on any of them)."""
+        ids = self.model.generation_config.eos_token_id
+        ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+        return ids | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
 
 
 def resolve_backend(cfg: ServeConfig) -> str:
@@ -601,6 +645,8 @@ class ScriptedBackend:
     calls: list[list[dict]] = field(default_factory=list)
     last_error: str | None = None
     """Always None: the scripted backend refuses no adapter (the real ones' refusal message)."""
+    max_new_tokens: int | None = None
+    """Stop after this many words, as a model stops at ``[serve] max_new_tokens``; None: the whole reply."""
 
     @property
     def active(self) -> str | None:
@@ -618,8 +664,10 @@ class ScriptedBackend:
         stats.adapter = adapters.current_version()
         stats.tokens_in = self.count_tokens(messages)
         words = self.reply(messages[-1]["content"]).split(" ")
-        for index, word in enumerate(words):
+        cut = self.max_new_tokens is not None and len(words) > self.max_new_tokens
+        for index, word in enumerate(words[: self.max_new_tokens]):
             if self.delay_s:
                 time.sleep(self.delay_s)
             stats.tokens_out += 1
             yield word if index == 0 else " " + word
+        stats.finish_reason = CUT if cut else "stop"

@@ -137,7 +137,7 @@ def routes(service, db, base_model: str, metrics, turns_in_flight: set, busy_err
             try:
                 for _piece in stream:
                     pass
-                status = "complete"
+                status = _ended(stream)
             except Exception as exc:
                 status, error = "error", f"{exc.__class__.__name__}: {exc}"
                 raise
@@ -151,7 +151,7 @@ def routes(service, db, base_model: str, metrics, turns_in_flight: set, busy_err
         stats = stream.stats
         return JSONResponse({
             "id": f"chatcmpl-{turn_id}", "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": stream.text}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": stream.text}, "finish_reason": stats.finish_reason or "stop"}],
             "usage": {"prompt_tokens": stats.tokens_in, "completion_tokens": stats.tokens_out,
                       "total_tokens": stats.tokens_in + stats.tokens_out},
         }, headers=NO_STORE)
@@ -206,8 +206,8 @@ async def _events(stream, turn_id: int, created: int, model: str, finish):
         yield chunk({"role": "assistant", "content": ""})
         async for piece in iterate_in_threadpool(iter(stream)):
             yield chunk({"content": piece})
-        status = "complete"
-        yield chunk({}, "stop")
+        status = _ended(stream)
+        yield chunk({}, stream.stats.finish_reason or "stop")
         yield "data: [DONE]\n\n"
     except Exception as exc:
         status, error = "error", f"{exc.__class__.__name__}: {exc}"
@@ -217,6 +217,11 @@ async def _events(stream, turn_id: int, created: int, model: str, finish):
                                                "type": "server_error"}}) + "\n\n"
     finally:
         await run_in_threadpool(finish, status, error)
+
+
+def _ended(stream) -> str:
+    """The status of a turn whose answer ended: "cut" when it stopped at max_new_tokens (as in the web chat)."""
+    return "cut" if stream.stats.finish_reason == "length" else "complete"
 
 
 def _conversation(body: dict) -> tuple[str, list[tuple[str, str]]] | JSONResponse:

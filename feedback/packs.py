@@ -9,7 +9,9 @@ dataset version.
 from __future__ import annotations
 
 import json
+import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +95,44 @@ def install_persona(pack: Pack) -> bool:
     tomllib.loads(text)  # never leave a config file that does not parse
     paths.write_text_atomic(file, text)
     return True
+
+
+# Room past the pack's 99th-percentile answer: the model's answers run wordier than the written ones
+# (it restates the question, adds a closing line) and should still end by themselves, not at the limit.
+ANSWER_TOKENS_MARGIN = 1.5
+
+
+def answer_token_budget(pack: Pack, count_tokens: Callable[[str], int]) -> int:
+    """``[serve] max_new_tokens`` sized from the pack: the 99th percentile of its answers' lengths in
+    the base model's tokens (``count_tokens``), times :data:`ANSWER_TOKENS_MARGIN`, rounded up to 8."""
+    lengths = sorted(count_tokens(row["answer"]) for row in _qa_rows(pack))
+    if not lengths:
+        raise ConfigError(f"{pack.qa_file}: no answers to size max_new_tokens from")
+    p99 = lengths[min(len(lengths) - 1, math.ceil(0.99 * len(lengths)) - 1)]  # nearest-rank percentile
+    return min(4096, 8 * math.ceil(p99 * ANSWER_TOKENS_MARGIN / 8))
+
+
+def install_max_new_tokens(pack: Pack, count_tokens: Callable[[str], int]) -> int | None:
+    """Write :func:`answer_token_budget` as ``[serve] max_new_tokens`` unless the config file sets it
+    already; returns the value written, None when the file was left as it is."""
+    file = paths.config_file()
+    text = file.read_text(encoding="utf-8") if file.exists() else ""
+    if "max_new_tokens" in tomllib.loads(text).get("serve", {}):
+        return None
+    budget = answer_token_budget(pack, count_tokens)
+    document = tomlkit.parse(text)
+    if "serve" not in document:
+        document.add("serve", tomlkit.table())
+    _add_settings(document["serve"], {"max_new_tokens": budget})
+    text = tomlkit.dumps(document)
+    tomllib.loads(text)  # never leave a config file that does not parse
+    paths.write_text_atomic(file, text)
+    return budget
+
+
+def _qa_rows(pack: Pack) -> list[dict]:
+    with pack.qa_file.open(encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip()]
 
 
 def _add_settings(table, settings: dict[str, str]) -> None:

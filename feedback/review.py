@@ -13,6 +13,8 @@ beside them (``evals.review`` picks the pairs and hands them to :func:`add_revie
 
 from __future__ import annotations
 
+import difflib
+import html
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,6 +25,23 @@ import sqlite_utils
 from assistant import paths
 
 F1_HISTORY_PNG = "f1_history.png"
+
+
+def word_diff_html(answer: str | None, correction: str | None) -> str:
+    """The words removed from ``answer`` (``<del>``) and added by ``correction`` (``<ins>``), as
+    escaped HTML: both texts may hold a customer's or the model's markup."""
+    old, new = (answer or "").split(), (correction or "").split()
+    if not new:
+        return ""
+    parts = []
+    for op, a1, a2, b1, b2 in difflib.SequenceMatcher(a=old, b=new, autojunk=False).get_opcodes():
+        if op in ("delete", "replace"):
+            parts.append(f"<del>{html.escape(' '.join(old[a1:a2]))}</del>")
+        if op in ("insert", "replace"):
+            parts.append(f"<ins>{html.escape(' '.join(new[b1:b2]))}</ins>")
+        if op == "equal":
+            parts.append(html.escape(" ".join(old[a1:a2])))
+    return " ".join(parts)
 
 
 class ReviewError(ValueError):

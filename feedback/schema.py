@@ -256,6 +256,29 @@ def m0007_erasures(db: sqlite_utils.Database) -> None:
     db["erasures"].create_index(["created_at"])
 
 
+@migrations(name="0008_review_actions")
+def m0008_review_actions(db: sqlite_utils.Database) -> None:
+    # Every staff decision on a queued answer (feedback.store): a correction or approval (with its
+    # corrections row), or a rejection (no row: it is never trained on), with who and when. Undo
+    # marks the action undone (who and when too) instead of deleting it, so the history stays.
+    db["review_actions"].create(
+        {
+            "id": int,
+            "turn_id": int,
+            "action": str,
+            "correction_id": int,
+            "staff_user": str,
+            "created_at": str,
+            "undone_by": str,
+            "undone_at": str,
+        },
+        pk="id",
+        not_null={"turn_id", "action", "staff_user", "created_at"},
+        foreign_keys=[("turn_id", "turns", "id")],
+    )
+    db["review_actions"].create_index(["turn_id", "staff_user"])
+
+
 def apply(db: sqlite_utils.Database) -> None:
     """Bring ``db`` to the latest schema; applying twice changes nothing."""
     migrations.apply(db)

@@ -10,14 +10,20 @@ training data unless the curation config asks for it: staff approve good answers
 Corrections rows have three kinds: ``correction`` (staff rewrote the answer of a turn),
 ``approval`` (staff marked the turn's answer as good; its answer is copied) and ``manual`` (a
 hand-written question and answer, ``turn_id`` NULL). Every write runs in one transaction.
+
+Every staff decision on a queued answer is also a ``review_actions`` row (who, when): a correction,
+an approval or a rejection (out of the queue, never trained on). :func:`undo` reverts a staff
+member's latest decision on an answer: a correction or approval row (and its knowledge entry) goes,
+and the action is kept, marked undone by whom and when. The queue is filtered by :class:`QueueFilter`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 
 from dataclasses import dataclass
 
@@ -36,6 +42,9 @@ MAX_QUESTION_CHARS = 2000
 MAX_LABEL_CHARS = 64
 KINDS = ("correction", "approval", "manual")
 UP, DOWN = 1, -1
+# Session kinds whose turns are not customers' (``tuneloop ask``, tests): hidden from the queue by default.
+HIDDEN_KINDS = ("cli", "test")
+ACTIONS = ("correction", "approval", "rejection")
 
 # The latest unflagged vote of every voted turn: the one that counts.
 _LATEST_VOTES = """
@@ -46,6 +55,8 @@ latest_votes AS (
 ),
 reviewed AS (
     SELECT DISTINCT turn_id FROM corrections WHERE kind IN ('correction', 'approval') AND turn_id IS NOT NULL
+    UNION
+    SELECT turn_id FROM review_actions WHERE action = 'rejection' AND undone_at IS NULL
 )
 """
 
@@ -61,6 +72,65 @@ class VoteLimits:
     per_session: int = VOTE_BURST_LIMIT
     per_address: int = 30
     overall: int = 600
+
+
+@dataclass(frozen=True)
+class QueueFilter:
+    """Which answers the review queue lists; the defaults are the answers still waiting for staff."""
+
+    thumbs_down: bool = False
+    """Only answers whose counting vote is thumbs-down."""
+    has_correction: bool = False
+    """Only answers staff have written a correction for."""
+    not_reviewed: bool = True
+    """Only answers without a correction, approval or rejection."""
+    adapter: str | None = None
+    """Only answers of this adapter version ("base" for the base model)."""
+    label: str | None = None
+    """Only answers a correction or approval labelled so."""
+    since: str | None = None
+    """First day (YYYY-MM-DD, UTC) of the answers listed."""
+    until: str | None = None
+    """Last day (YYYY-MM-DD, UTC) of the answers listed."""
+    show_hidden: bool = False
+    """Also list turns of CLI and test sessions (:data:`HIDDEN_KINDS`)."""
+
+    def __post_init__(self) -> None:
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value:
+                try:
+                    date.fromisoformat(value)
+                except ValueError:
+                    raise FeedbackError(f"{value!r} is not a date; write it as YYYY-MM-DD.") from None
+        if self.since and self.until and self.since > self.until:
+            raise FeedbackError(f"The date range ends ({self.until}) before it starts ({self.since}).")
+
+    def where(self) -> tuple[str, list]:
+        """The SQL condition on ``t`` (turns), ``s`` (sessions) and ``lv`` (latest votes), and its parameters."""
+        clauses, params = ["t.answer IS NOT NULL", "t.status != 'streaming'"], []
+        if not self.show_hidden:
+            clauses.append(f"s.kind NOT IN ({', '.join('?' * len(HIDDEN_KINDS))})")
+            params += HIDDEN_KINDS
+        if self.thumbs_down:
+            clauses.append("lv.value = -1")
+        if self.has_correction:
+            clauses.append("t.id IN (SELECT turn_id FROM corrections WHERE kind = 'correction')")
+        if self.not_reviewed:
+            clauses.append("t.id NOT IN (SELECT turn_id FROM reviewed)")
+        if self.adapter:
+            clauses.append("t.adapter IS NULL" if self.adapter == "base" else "t.adapter = ?")
+            params += [] if self.adapter == "base" else [self.adapter]
+        if self.label:
+            clauses.append("t.id IN (SELECT turn_id FROM corrections WHERE label = ?)")
+            params.append(self.label)
+        if self.since:
+            clauses.append("t.created_at >= ?")
+            params.append(self.since)
+        if self.until:
+            clauses.append("t.created_at < ?")
+            params.append((date.fromisoformat(self.until) + timedelta(days=1)).isoformat())
+        return " AND ".join(clauses), params
 
 
 @contextmanager
@@ -130,8 +200,13 @@ def record_correction(db: sqlite_utils.Database, staff_user: str, turn_id: int, 
     vector = _question_vector(db, staff_user, lambda: _turn(db, turn_id)["question"])
     with _transaction(db):
         _require_staff(db, staff_user)
-        question = _turn(db, turn_id)["question"]
-        return _insert_correction(db, "correction", turn_id, question, answer, label, staff_user, vector)
+        label = _known_spelling(db, label)
+        turn = _turn(db, turn_id)
+        if _words(answer) == _words(turn["answer"]):
+            raise FeedbackError("The correction is the same as the answer; change it, or approve the answer instead.")
+        row_id = _insert_correction(db, "correction", turn_id, turn["question"], answer, label, staff_user, vector)
+        _record_action(db, turn_id, "correction", row_id, staff_user)
+        return row_id
 
 
 def approve(db: sqlite_utils.Database, staff_user: str, turn_id: int, label: str | None = None) -> int:
@@ -144,7 +219,72 @@ def approve(db: sqlite_utils.Database, staff_user: str, turn_id: int, label: str
         turn = _turn(db, turn_id)
         if turn["status"] != "complete" or not (turn["answer"] or "").strip():
             raise FeedbackError(f"Answer {turn_id} is incomplete ({turn['status']}); write a correction instead.")
-        return _insert_correction(db, "approval", turn_id, turn["question"], turn["answer"], label, staff_user, vector)
+        label = _known_spelling(db, label)
+        row_id = _insert_correction(db, "approval", turn_id, turn["question"], turn["answer"], label, staff_user, vector)
+        _record_action(db, turn_id, "approval", row_id, staff_user)
+        return row_id
+
+
+def reject(db: sqlite_utils.Database, staff_user: str, turn_id: int) -> int:
+    """Take a turn out of the queue without training on it (nor answering from it); returns the action id."""
+    turn_id = _turn_id(turn_id)
+    with _transaction(db):
+        _require_staff(db, staff_user)
+        _turn(db, turn_id)
+        return _record_action(db, turn_id, "rejection", None, staff_user)
+
+
+def undo(db: sqlite_utils.Database, staff_user: str, turn_id: int) -> dict:
+    """Revert ``staff_user``'s latest decision on a turn that is not undone yet: a correction or
+    approval row goes (with its knowledge entry), a rejection puts the turn back in the queue. The
+    action stays, marked undone by whom and when. Returns ``{"id", "action"}`` of the undone action."""
+    turn_id = _turn_id(turn_id)
+    with _transaction(db):
+        _require_staff(db, staff_user)
+        last = db.execute(
+            "SELECT id, action, correction_id FROM review_actions WHERE turn_id = ? AND staff_user = ? "
+            "AND undone_at IS NULL ORDER BY id DESC LIMIT 1", [turn_id, staff_user]).fetchone()
+        if last is None:
+            raise FeedbackError(f"You have nothing to undo on answer {turn_id}.")
+        action_id, action, correction_id = last
+        if correction_id is not None:
+            knowledge.erase_entries(db, [f"corrections:{correction_id}"])
+            db.execute("DELETE FROM corrections WHERE id = ?", [correction_id])
+        db.execute("UPDATE review_actions SET undone_by = ?, undone_at = ? WHERE id = ?",
+                   [staff_user, _iso(_utcnow()), action_id])
+    return {"id": int(action_id), "action": action}
+
+
+def review_actions(db: sqlite_utils.Database, turn_id: int) -> list[dict]:
+    """The staff decisions on a turn, oldest first: ``{"id", "action", "correction_id", "staff_user",
+    "created_at", "undone_by", "undone_at"}``."""
+    return list(db.query(
+        "SELECT id, action, correction_id, staff_user, created_at, undone_by, undone_at FROM review_actions "
+        "WHERE turn_id = ? ORDER BY id", [_turn_id(turn_id)]))
+
+
+def labels(db: sqlite_utils.Database) -> list[str]:
+    """The label taxonomy: distinct labels of the imported examples and of staff corrections, sorted."""
+    rows = db.execute(
+        "SELECT label FROM examples WHERE label IS NOT NULL AND trim(label) != '' "
+        "UNION SELECT label FROM corrections WHERE label IS NOT NULL AND trim(label) != ''").fetchall()
+    return sorted({row[0] for row in rows}, key=str.lower)
+
+
+def label_key(label: str) -> str:
+    """A label's comparison form: case, spaces, ``-`` and ``_`` do not make a different label."""
+    return re.sub(r"[\s_\-]+", "-", label.strip().lower()).strip("-")
+
+
+def check_new_label(db: sqlite_utils.Database, label: str | None) -> str:
+    """A new label as it will be stored; refused when it is empty or only another spelling of an existing one."""
+    label = _label(label)
+    if label is None:
+        raise FeedbackError("Write the new label first.")
+    existing = {label_key(known): known for known in labels(db)}
+    if label_key(label) in existing and existing[label_key(label)] != label:
+        raise FeedbackError(f"{label!r} is the existing label {existing[label_key(label)]!r}; pick that one from the list.")
+    return label
 
 
 def add_example(db: sqlite_utils.Database, staff_user: str, question: str, answer: str, label: str | None = None) -> int:
@@ -155,6 +295,7 @@ def add_example(db: sqlite_utils.Database, staff_user: str, question: str, answe
     vector = _question_vector(db, staff_user, lambda: question)
     with _transaction(db):
         _require_staff(db, staff_user)
+        label = _known_spelling(db, label)
         return _insert_correction(db, "manual", None, question, answer, label, staff_user, vector)
 
 
@@ -176,41 +317,86 @@ def _insert_correction(db, kind, turn_id, question, answer, label, staff_user, v
     return row_id
 
 
-_PENDING = f"""
+def _record_action(db, turn_id: int, action: str, correction_id: int | None, staff_user: str) -> int:
+    return int(db["review_actions"].insert({"turn_id": turn_id, "action": action, "correction_id": correction_id,
+                                            "staff_user": staff_user, "created_at": _iso(_utcnow())}).last_pk)
+
+
+def _queue_sql(filters: QueueFilter) -> tuple[str, list]:
+    where, params = filters.where()
+    return f"""
     WITH {_LATEST_VOTES}
-    SELECT t.id AS turn_id, lv.value AS vote_value, lv.reason, t.question, t.answer, t.adapter, t.created_at
+    SELECT t.id AS turn_id, lv.value AS vote_value, lv.reason, t.question, t.answer, t.adapter, t.created_at,
+           s.kind AS session_kind
     FROM turns t
+    JOIN sessions s ON s.id = t.session_id
     LEFT JOIN latest_votes lv ON lv.turn_id = t.id
-    WHERE t.id NOT IN (SELECT turn_id FROM reviewed)
-      AND t.answer IS NOT NULL AND t.status != 'streaming'
-"""
+    WHERE {where}
+    """, params
 
 
-def review_queue(db: sqlite_utils.Database, page: int = 1, page_size: int = REVIEW_PAGE_SIZE) -> list[dict]:
+def review_queue(db: sqlite_utils.Database, page: int = 1, page_size: int = REVIEW_PAGE_SIZE,
+                 filters: QueueFilter = QueueFilter()) -> list[dict]:
     """One page (1 = first) of the turns waiting for staff: thumbs-down first, then thumbs-up
     (a thumbs-up trains only once staff approve it), then unrated answers, each newest first.
 
-    A turn leaves the queue once it has a correction or approval. Each item holds ``turn_id``,
-    ``vote`` ("down", "up" or None), ``reason``, ``question``, ``answer``, ``adapter``, ``created_at``.
+    By default (:class:`QueueFilter`) a turn leaves the queue once it has a correction, approval or
+    rejection. Each item holds ``turn_id``, ``vote`` ("down", "up" or None), ``reason``, ``question``,
+    ``answer``, ``adapter``, ``created_at``, ``session_kind``.
     """
     page = max(1, int(page or 1))
+    sql, params = _queue_sql(filters)
     rows = db.query(
-        f"""{_PENDING}
+        f"""{sql}
         ORDER BY CASE lv.value WHEN -1 THEN 0 WHEN 1 THEN 1 ELSE 2 END, t.id DESC
         LIMIT ? OFFSET ?
         """,
-        [page_size, (page - 1) * page_size],
+        params + [page_size, (page - 1) * page_size],
     )
     return [
         {"turn_id": r["turn_id"], "vote": {DOWN: "down", UP: "up"}.get(r["vote_value"]), "reason": r["reason"],
-         "question": r["question"], "answer": r["answer"], "adapter": r["adapter"], "created_at": r["created_at"]}
+         "question": r["question"], "answer": r["answer"], "adapter": r["adapter"], "created_at": r["created_at"],
+         "session_kind": r["session_kind"]}
         for r in rows
     ]
 
 
-def review_queue_size(db: sqlite_utils.Database) -> int:
-    """How many turns wait for staff in all (every page of :func:`review_queue`)."""
-    return int(db.execute(f"SELECT count(*) FROM ({_PENDING})").fetchone()[0])
+def review_queue_size(db: sqlite_utils.Database, filters: QueueFilter = QueueFilter()) -> int:
+    """How many turns the filtered queue holds in all (every page of :func:`review_queue`)."""
+    sql, params = _queue_sql(filters)
+    return int(db.execute(f"SELECT count(*) FROM ({sql})", params).fetchone()[0])
+
+
+def queue_neighbour(db: sqlite_utils.Database, turn_id: int | None, filters: QueueFilter = QueueFilter(),
+                    step: int = 1) -> int | None:
+    """The turn ``step`` places after (negative: before) ``turn_id`` in the filtered queue's order;
+    from a turn not in it (none yet, or just reviewed) the first one. None past either end."""
+    sql, params = _queue_sql(filters)
+    row = db.execute(
+        f"""WITH ordered AS (
+            SELECT turn_id, row_number() OVER (
+                ORDER BY CASE vote_value WHEN -1 THEN 0 WHEN 1 THEN 1 ELSE 2 END, turn_id DESC) AS pos
+            FROM ({sql}))
+        SELECT turn_id FROM ordered
+        WHERE pos = coalesce((SELECT pos FROM ordered WHERE turn_id = ?), CASE WHEN ? > 0 THEN 0 ELSE 1 END) + ?""",
+        params + [turn_id, step, step]).fetchone()
+    return int(row[0]) if row else None
+
+
+def review_counts(db: sqlite_utils.Database, show_hidden: bool = False) -> dict:
+    """How many answers each single filter would list: ``all``, ``thumbs_down``, ``has_correction``,
+    ``not_reviewed``, ``rejected`` (CLI and test turns counted only with ``show_hidden``)."""
+    sql, params = _queue_sql(QueueFilter(not_reviewed=False, show_hidden=show_hidden))
+    row = db.execute(
+        f"""WITH {_LATEST_VOTES}
+        SELECT count(*),
+               coalesce(sum(q.vote_value = -1), 0),
+               coalesce(sum(q.turn_id IN (SELECT turn_id FROM corrections WHERE kind = 'correction')), 0),
+               coalesce(sum(q.turn_id NOT IN (SELECT turn_id FROM reviewed)), 0),
+               coalesce(sum(q.turn_id IN (SELECT turn_id FROM review_actions
+                                          WHERE action = 'rejection' AND undone_at IS NULL)), 0)
+        FROM ({sql}) q""", params).fetchone()
+    return dict(zip(("all", "thumbs_down", "has_correction", "not_reviewed", "rejected"), (int(v) for v in row)))
 
 
 def review_item(db: sqlite_utils.Database, turn_id: int) -> dict:
@@ -332,6 +518,7 @@ def erase_feedback(db: sqlite_utils.Database, turn_ids: list[int]) -> None:
     the turns themselves go (:func:`feedback.privacy.erase`); runs in the caller's transaction."""
     db.conn.executemany("DELETE FROM votes WHERE turn_id = ?", [(turn_id,) for turn_id in turn_ids])
     db.conn.executemany("DELETE FROM corrections WHERE turn_id = ?", [(turn_id,) for turn_id in turn_ids])
+    db.conn.executemany("DELETE FROM review_actions WHERE turn_id = ?", [(turn_id,) for turn_id in turn_ids])
 
 
 def _require_staff(db: sqlite_utils.Database, staff_user: str | None) -> None:
@@ -389,6 +576,15 @@ def _label(label: str | None) -> str | None:
     if label is not None and len(label) > MAX_LABEL_CHARS:
         raise FeedbackError(f"The label is {len(label)} characters long; the limit is {MAX_LABEL_CHARS}.")
     return label
+
+
+def _known_spelling(db: sqlite_utils.Database, label: str | None) -> str | None:
+    """An existing label as is; a new one only if it is not another spelling of an existing one."""
+    return label if label is None or label in labels(db) else check_new_label(db, label)
+
+
+def _words(text: str | None) -> str:
+    return " ".join((text or "").split())
 
 
 def _utcnow() -> datetime:

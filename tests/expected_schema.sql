@@ -31,6 +31,9 @@ CREATE UNIQUE INDEX "idx_knowledge_source_id"
 -- index idx_retrain_runs_status
 CREATE INDEX "idx_retrain_runs_status"
     ON "retrain_runs" ("status");
+-- index idx_review_actions_turn_id_staff_user
+CREATE INDEX "idx_review_actions_turn_id_staff_user"
+    ON "review_actions" ("turn_id", "staff_user");
 -- index idx_review_marks_pair_id_side_staff_user
 CREATE UNIQUE INDEX "idx_review_marks_pair_id_side_staff_user"
     ON "review_marks" ("pair_id", "side", "staff_user");
@@ -200,6 +203,17 @@ CREATE TABLE "retrain_runs" (
    "error" TEXT,
    "seconds" REAL,
    "config" TEXT
+);
+-- table review_actions
+CREATE TABLE "review_actions" (
+   "id" INTEGER PRIMARY KEY,
+   "turn_id" INTEGER NOT NULL REFERENCES "turns"("id"),
+   "action" TEXT NOT NULL,
+   "correction_id" INTEGER,
+   "staff_user" TEXT NOT NULL,
+   "created_at" TEXT NOT NULL,
+   "undone_by" TEXT,
+   "undone_at" TEXT
 );
 -- table review_marks
 CREATE TABLE "review_marks" (

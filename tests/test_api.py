@@ -26,7 +26,7 @@ CARD = "4111 1111 1111 1111"
 @contextmanager
 def serve(**settings):
     """The app with a scripted backend on a free port; yields ``(served, service)``."""
-    backend = ScriptedBackend(delay_s=settings.pop("delay_s", 0.0))
+    backend = ScriptedBackend(delay_s=settings.pop("delay_s", 0.0), max_new_tokens=settings.pop("backend_max_new_tokens", None))
     service = ChatService(ServeConfig(**settings), backend)
     demo = app.build_app(service, ThreadLocalDB(), "scripted-base")
     _, url, _ = app.launch(demo, "127.0.0.1", free_port(), 4, block=False)
@@ -167,3 +167,18 @@ def test_apikey_commands_print_the_key_once_and_store_only_its_hash(tuneloop_hom
     assert cli.main(["apikey", "revoke", "mobile-app"]) == 0
     assert apikeys.authenticate(connect(), key) is None
     assert cli.main(["apikey", "revoke", "mobile-app"]) == 2
+
+
+def test_an_answer_cut_at_max_new_tokens_says_length_and_is_logged_cut(tuneloop_home):
+    key = apikeys.create_key(connect(), "web")
+    question = "Tell me about savings. Then tell me about loans and cards"
+    with serve(backend_max_new_tokens=6) as (served, _service):  # "You asked: Tell me about savings. Then"
+        answer = complete(served, key, user(question))
+        streamed = complete(served, key, user(question + " please"), stream=True)
+    assert answer.json()["choices"][0]["finish_reason"] == "length"
+    assert answer.json()["choices"][0]["message"]["content"] == "You asked: Tell me about savings."
+    finishes = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in streamed.text.splitlines()
+                if line.startswith("data: {")]
+    assert finishes[-1] == "length"
+    assert served.rows("SELECT answer, status FROM turns ORDER BY id") == [
+        ("You asked: Tell me about savings.", "cut"), ("You asked: Tell me about savings.", "cut")]

@@ -73,6 +73,8 @@ def test_init_installs_the_persona_around_the_users_comments_and_tables(tiny_mod
     persona, chat = json.dumps(packs.load_pack().persona), packs.load_pack().chat
     chat_lines = (f"welcome = {json.dumps(chat['welcome'])}\ndisclaimer = {json.dumps(chat['disclaimer'])}\n"
                   f"examples = {json.dumps(' | '.join(chat['examples']))}\n")
+    # Sized from the pack's answers in the base model's tokens (feedback.packs.answer_token_budget).
+    chat_lines += f"max_new_tokens = {packs.answer_token_budget(packs.load_pack(), cli._token_counter(str(tiny_model_dir)))}\n"
     # The settings go after the user's last [serve] setting; the comment about [train] stays with it.
     assert file.read_text() == USER_CONFIG.replace(
         "port = 9000  # behind the proxy\n",

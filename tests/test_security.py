@@ -148,6 +148,9 @@ def test_4_every_staff_event_refuses_anonymous_callers_by_function_index(tuneloo
         token = served.sign_in().cookies[app.STAFF_COOKIE]
         answered = call_by_fn_index(served.url, refresh, [], headers={"Cookie": f"{app.STAFF_COOKIE}={token}"})
         assert answered["success"] is True
+        # A fresh install has no F1 plot: the image is hidden (the run and decision boxes say "No retrain has run yet.").
+        assert answered["output"]["data"][1] == answered["output"]["data"][2] == "No retrain has run yet."
+        assert answered["output"]["data"][3]["visible"] is False
 
 
 def test_5_history_is_the_servers_own_bounded_and_unforgeable(tuneloop_home):

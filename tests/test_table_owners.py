@@ -19,6 +19,7 @@ OWNERS = {
     "turns": "feedback.turns",
     "votes": "feedback.store",
     "corrections": "feedback.store",
+    "review_actions": "feedback.store",
     "staff_users": "feedback.auth",
     "signin_attempts": "feedback.auth",
     "staff_sessions": "feedback.auth",

@@ -247,6 +247,7 @@ def init_home(args) -> dict:
     with StageProgress("tuneloop init", 4) as progress:
         progress.start(f"preparing the model {cfg.base_model}")
         info = model.prepare(cfg.base_model)
+        max_new_tokens = packs.install_max_new_tokens(pack, _token_counter(info.path))
         db = connect()
         progress.start(f"importing the {pack.title} pack")
         imported = packs.import_pack(db, pack)
@@ -267,7 +268,19 @@ def init_home(args) -> dict:
         "dataset_unchanged": dataset.unchanged,
         "examples": dataset.counts,
         "pack_title": pack.title,
+        "max_new_tokens_installed": max_new_tokens,
     }
+
+
+def _token_counter(model_path: str):
+    """Counts a text's tokens with the base model's own tokenizer: its tokenizer files only, no
+    weights, loaded at the first count (none when the config file sets max_new_tokens already)."""
+    import functools
+
+    from transformers import AutoTokenizer
+
+    tokenizer = functools.cache(lambda: AutoTokenizer.from_pretrained(model_path))
+    return lambda text: len(tokenizer()(text, add_special_tokens=False)["input_ids"])
 
 
 class StageProgress:
