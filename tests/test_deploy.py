@@ -30,6 +30,7 @@ from assistant.config import ServeConfig
 from feedback import apikeys
 from feedback.db import connect
 from test_app import free_port, serve_scripted
+import test_operations
 from test_operations import SCRIPTED_CLI, paths_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
@@ -72,17 +73,11 @@ def kill_group(server: subprocess.Popen) -> None:
 
 def wait_ready(url: str, server: subprocess.Popen, seconds: float) -> None:
     """Until /readyz says 200; the first start sets up the home first (a minute or more on 2 busy cores)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert server.poll() is None, server.stdout.read()
-        try:
-            if httpx.get(url + app.READY_PATH, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    kill_group(server)
-    raise AssertionError(f"the server never became ready:\n{server.communicate()[0]}")
+    try:
+        test_operations.wait_ready(url, server, seconds)
+    except AssertionError:
+        kill_group(server)
+        raise AssertionError(f"the server never became ready:\n{server.communicate()[0]}") from None
 
 
 def healthcheck(env: dict) -> int:

@@ -120,7 +120,7 @@ def test_sigterm_lets_answers_in_flight_finish(tuneloop_home):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, server)
+        wait_ready(url, server)
         question = " ".join(["word"] * 30)  # the scripted answer streams 32 words, 0.15 s each
         clients = [Client(url, verbose=False, download_files=False) for _ in range(5)]
         jobs = [c.submit(question, api_name="/chat") for c in clients]
@@ -152,8 +152,9 @@ def paths_rows(sql: str) -> list[tuple]:
         return conn.execute(sql).fetchall()
 
 
-def _wait_ready(url: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 60
+def wait_ready(url: str, server: subprocess.Popen, seconds: float = 60) -> None:
+    """Until /readyz says 200; fails with the server's output if it exits first."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         assert server.poll() is None, server.stdout.read()
         try:
