@@ -147,6 +147,8 @@ def take_screenshots(url: str, folder: Path, password: str) -> None:
         page.get_by_placeholder("Ask a question").fill("Is there a fee for an incoming wire?")
         page.get_by_role("button", name="Send", exact=True).click()
         page.get_by_role("button", name="Dislike").last.wait_for()
+        # Send comes back (Stop goes) when the answer has ended.
+        page.get_by_role("button", name="Send", exact=True).wait_for(state="visible")
         page.wait_for_timeout(1000)
         page.screenshot(path=str(folder / "chat.png"))
         page.goto(url.rstrip("/") + "/staff")
