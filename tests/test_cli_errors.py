@@ -122,6 +122,22 @@ def bool_fields() -> set[str]:
     return {f.name for cls in configs for f in dataclasses.fields(cls) if typing.get_type_hints(cls)[f.name] is bool}
 
 
+def test_every_help_example_is_a_command_line_the_parser_accepts():
+    # An example that names an option the command lacks would teach the wrong thing.
+    import shlex
+
+    parser = cli.build_parser()
+    for name, examples in cli.EXAMPLES.items():
+        for example in examples:
+            command = example.split("|")[-1].split(">")[0].strip()  # the tuneloop part of a pipeline
+            argv = shlex.split(command)
+            assert argv[0] == "tuneloop" and " ".join(argv[1:]).startswith(name), example
+            try:
+                parser.parse_args(argv[1:])
+            except SystemExit:
+                raise AssertionError(f"the example {example!r} of `tuneloop {name} --help` does not parse") from None
+
+
 def test_help_is_plain_text_with_flags_and_examples():
     booleans = bool_fields()
     assert "verbatim" in booleans and "progress" in booleans
