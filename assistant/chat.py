@@ -339,9 +339,8 @@ class ChatService:
                     stats.first_token_s = time.perf_counter() - started
                 yield piece
             if stats.finish_reason is None and stats.verbatim is None:
-                # A backend that does not say why it stopped (llama_cpp, vllm) ran to the end of its
-                # answer or to the token limit; its count includes the end token, so an answer ending
-                # exactly at the limit reads as cut.
+                # A backend that does not say why it stopped (vllm) ran to the end of its answer or to
+                # the token limit; an answer ending exactly at the limit reads as cut.
                 stats.finish_reason = CUT if stats.tokens_out >= self.cfg.max_new_tokens else "stop"
         finally:
             stats.latency_s = time.perf_counter() - started

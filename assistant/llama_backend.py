@@ -770,6 +770,8 @@ class LlamaCppBackend:
                     if piece:
                         yield piece
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                # The engine ends a sequence at an end token or at max_new_tokens (Stream trims a cut one).
+                stats.finish_reason = "stop" if tokens and tokens[-1] in self.eos_ids else "length"
                 if text[len(printed):]:
                     yield text[len(printed):]
             finally:

@@ -201,12 +201,14 @@ async def _events(stream, turn_id: int, created: int, model: str, finish):
     def chunk(delta: dict, finish_reason: str | None = None) -> str:
         return "data: " + json.dumps({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}) + "\n\n"
 
-    status, error = "interrupted", None
+    status, error, finished = "interrupted", None, False
     try:
         yield chunk({"role": "assistant", "content": ""})
         async for piece in iterate_in_threadpool(iter(stream)):
             yield chunk({"content": piece})
-        status = _ended(stream)
+        # Stored before the client hears the end: a client that reads the turn on [DONE] finds it.
+        await run_in_threadpool(finish, _ended(stream), None)
+        finished = True
         yield chunk({}, stream.stats.finish_reason or "stop")
         yield "data: [DONE]\n\n"
     except Exception as exc:
@@ -216,7 +218,8 @@ async def _events(stream, turn_id: int, created: int, model: str, finish):
         yield "data: " + json.dumps({"error": {"message": f"Sorry, something went wrong (error {error_id}).",
                                                "type": "server_error"}}) + "\n\n"
     finally:
-        await run_in_threadpool(finish, status, error)
+        if not finished:
+            await run_in_threadpool(finish, status, error)
 
 
 def _ended(stream) -> str:
