@@ -163,6 +163,18 @@ def test_erasing_an_api_session_takes_it_out_of_the_history_another_session_of_t
     assert files_holding("tasmanian", "koala") == {"koala": ["feedback.db"]}
 
 
+def test_a_session_id_that_begins_with_a_dash_is_erased_by_the_command(monkeypatch, capsys):
+    # Session ids are URL-safe base64: one in 64 begins with "-", which argparse takes for an option
+    # unless the command joins the value to --session (it failed CI once that way).
+    db = connect()
+    monkeypatch.setattr(turns.secrets, "token_urlsafe", lambda n: "-Xq3x9TQ0nR8mYk2pLw7s1")
+    session_id = turns.new_session(db, "customer")
+    answered(db, session_id, "Where is the dibbler branch?")
+    assert cli.main(["privacy", "erase", "--session", session_id, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["target"] == session_id
+    assert rows("SELECT count(*) FROM turns") == [(0,)]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--session", "no-such-session"], "tuneloop privacy erase: there is no session 'no-such-session'; nothing was erased\n"),
     (["--turn", "999"], "tuneloop privacy erase: there is no turn 999; nothing was erased\n"),

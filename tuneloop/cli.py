@@ -516,6 +516,20 @@ def error_line(exc: Exception, prog: str) -> str:
     return f"tuneloop: error: {type(exc).__name__}: {message} (run with --debug for the traceback)"
 
 
+# Options whose value is an id that may begin with "-" (a session id is URL-safe base64): argparse would
+# read "--session -x2f..." as two options, so the value is joined to its option before parsing.
+ID_OPTIONS = ("--session",)
+
+
+def join_id_values(argv: list[str]) -> list[str]:
+    """``argv`` with ``--session VALUE`` written as ``--session=VALUE``, whatever VALUE begins with."""
+    joined, rest = [], iter(argv)
+    for arg in rest:
+        value = next(rest, None) if arg in ID_OPTIONS else None
+        joined.append(arg if value is None else f"{arg}={value}")
+    return joined
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command: its errors are one line on stderr and exit 2 when expected (a config value, an
     unknown user, an empty question), 1 otherwise; the traceback only with --debug."""
@@ -523,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         paths.configure_environment()
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(join_id_values(argv))
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
