@@ -4,7 +4,9 @@ API (:mod:`feedback.api`), and the ``tuneloop apikey`` commands.
 A key is 32 random bytes shown once, when it is created; the ``api_keys`` table keeps only its
 sha256 (a key is random, so a plain hash cannot be reversed by guessing, unlike a password). A
 revoked key stops working at its next request and keeps its row, so its name is not reused for
-another client by mistake. Each key carries its own rate limit (requests per minute).
+another client by mistake. Each key carries its own rate limit (requests per minute). A test key
+(``--test``: monitoring probes, a channel's automated tests) opens sessions of kind "test", which the
+review queue hides by default and training never uses.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ class ApiKeyError(ValueError):
     """A key cannot be created or revoked as asked; the message says why."""
 
 
-def create_key(db: sqlite_utils.Database, name: str, per_minute: int = DEFAULT_PER_MINUTE) -> str:
-    """Create the key ``name`` allowed ``per_minute`` requests a minute; returns the key (only here)."""
+def create_key(db: sqlite_utils.Database, name: str, per_minute: int = DEFAULT_PER_MINUTE, test: bool = False) -> str:
+    """Create the key ``name`` allowed ``per_minute`` requests a minute (a test key's turns are marked
+    "test"); returns the key (only here)."""
     if not isinstance(name, str) or not _NAME.match(name):
         raise ApiKeyError("a key name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     if not 1 <= int(per_minute) <= MAX_PER_MINUTE:
@@ -43,7 +46,7 @@ def create_key(db: sqlite_utils.Database, name: str, per_minute: int = DEFAULT_P
         if db.execute("SELECT 1 FROM api_keys WHERE name = ?", [name]).fetchone():
             raise ApiKeyError(f"a key named {name!r} exists (revoked keys keep their name); choose another name")
         db["api_keys"].insert({"name": name, "key_hash": _hash(key), "per_minute": int(per_minute),
-                               "created_at": _iso(_utcnow())})
+                               "created_at": _iso(_utcnow()), "test": int(bool(test))})
     return key
 
 
@@ -56,25 +59,26 @@ def revoke_key(db: sqlite_utils.Database, name: str) -> bool:
 
 
 def list_keys(db: sqlite_utils.Database) -> list[dict]:
-    """Every key's name, rate limit and dates (never the key or its hash), oldest first."""
-    return [dict(zip(("name", "per_minute", "created_at", "revoked_at", "last_used_at"), row)) for row in db.execute(
-        "SELECT name, per_minute, created_at, revoked_at, last_used_at FROM api_keys ORDER BY created_at").fetchall()]
+    """Every key's name, rate limit, whether it is a test key, and dates (never the key or its hash), oldest first."""
+    keys = [dict(zip(("name", "per_minute", "test", "created_at", "revoked_at", "last_used_at"), row)) for row in db.execute(
+        "SELECT name, per_minute, test, created_at, revoked_at, last_used_at FROM api_keys ORDER BY created_at").fetchall()]
+    return [{**key, "test": bool(key["test"])} for key in keys]
 
 
 def authenticate(db: sqlite_utils.Database, key: str | None) -> dict | None:
-    """``{"name", "per_minute"}`` of the live key ``key``; None for a missing, unknown or revoked one."""
+    """``{"name", "per_minute", "test"}`` of the live key ``key``; None for a missing, unknown or revoked one."""
     if not key or not isinstance(key, str) or not key.startswith(PREFIX) or len(key) > 200:
         return None
-    row = db.execute("SELECT name, per_minute, last_used_at FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
+    row = db.execute("SELECT name, per_minute, test, last_used_at FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
                      [_hash(key)]).fetchone()
     if row is None:
         return None
-    name, per_minute, last_used = row
+    name, per_minute, test, last_used = row
     now = _utcnow()
     if last_used is None or datetime.fromisoformat(last_used) < now - timedelta(seconds=LAST_USED_EVERY_S):
         with db.conn:
             db.execute("UPDATE api_keys SET last_used_at = ? WHERE name = ?", [_iso(now), name])
-    return {"name": name, "per_minute": per_minute}
+    return {"name": name, "per_minute": per_minute, "test": bool(test)}
 
 
 def _hash(key: str) -> str:
@@ -94,12 +98,13 @@ def cmd_apikey_create(args) -> int:
     from feedback.db import connect
 
     try:
-        key = create_key(connect(), args.name, args.per_minute)
+        key = create_key(connect(), args.name, args.per_minute, args.test)
     except ApiKeyError as exc:
         print(f"tuneloop apikey create: {exc}", file=sys.stderr)
         return 2
     print(key)
-    print(f"tuneloop: key {args.name!r} created ({args.per_minute} requests a minute); it is shown only now, "
+    kind = "test key" if args.test else "key"
+    print(f"tuneloop: {kind} {args.name!r} created ({args.per_minute} requests a minute); it is shown only now, "
           "store it in the channel's secret store", file=sys.stderr)
     return 0
 
@@ -115,7 +120,7 @@ def cmd_apikey_list(args) -> int:
         print(json.dumps(keys))
     for key in [] if args.json else keys:
         state = f"revoked {key['revoked_at'][:19]}" if key["revoked_at"] else "live"
-        print(f"{key['name']:<24} {key['per_minute']:>6}/min  created {key['created_at'][:19]}  {state}  "
+        print(f"{key['name'] + (' (test)' if key['test'] else ''):<24} {key['per_minute']:>6}/min  created {key['created_at'][:19]}  {state}  "
               f"last used {(key['last_used_at'] or 'never')[:19]}")
     return 0
 
@@ -139,6 +144,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("name", help="the channel the key is for, e.g. mobile-app")
     q.add_argument("--per-minute", type=int, default=DEFAULT_PER_MINUTE, metavar="N",
                    help=f"requests this key may make per minute (default: {DEFAULT_PER_MINUTE})")
+    q.add_argument("--test", action="store_true",
+                   help="a key for monitoring probes and automated tests: its answers are marked test, hidden from "
+                        "the review queue and never trained on")
     q.set_defaults(handler=cmd_apikey_create)
     q = keys.add_parser("list", help=cmd_apikey_list.__doc__, description=cmd_apikey_list.__doc__)
     q.add_argument("--json", action="store_true", help="print as JSON")

@@ -279,6 +279,13 @@ def m0008_review_actions(db: sqlite_utils.Database) -> None:
     db["review_actions"].create_index(["turn_id", "staff_user"])
 
 
+@migrations(name="0009_test_api_keys")
+def m0009_test_api_keys(db: sqlite_utils.Database) -> None:
+    # A key for monitoring probes and automated tests: its sessions are of kind "test", hidden from
+    # the review queue by default and never trained on (feedback.store.HIDDEN_KINDS).
+    db["api_keys"].add_column("test", int, not_null_default=0)
+
+
 def apply(db: sqlite_utils.Database) -> None:
     """Bring ``db`` to the latest schema; applying twice changes nothing."""
     migrations.apply(db)

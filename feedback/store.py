@@ -463,7 +463,8 @@ def export_rows(db: sqlite_utils.Database, include_thumbs_up: bool = False) -> l
     """The examples training may use, oldest first: ``{"source", "id", "turn_id", "question", "answer", "label"}``.
 
     Per turn the latest staff correction or approval wins; with ``include_thumbs_up`` also a
-    complete answer whose counting vote is thumbs-up. Every manual example. Thumbs-down answers never.
+    complete answer whose counting vote is thumbs-up, unless a CLI or test session asked it (a probe's
+    vote is not a customer's). Every manual example. Thumbs-down answers never.
     """
     rows = db.query(
         f"""
@@ -482,9 +483,10 @@ def export_rows(db: sqlite_utils.Database, include_thumbs_up: bool = False) -> l
         FROM turns t JOIN latest_votes lv ON lv.turn_id = t.id
         WHERE lv.value = 1 AND t.status = 'complete' AND trim(coalesce(t.answer, '')) != ''
           AND t.id NOT IN (SELECT turn_id FROM reviewed) AND ?
+          AND t.session_id NOT IN (SELECT id FROM sessions WHERE kind IN ({', '.join('?' * len(HIDDEN_KINDS))}))
         ORDER BY created_at, id
         """,
-        [int(include_thumbs_up)],
+        [int(include_thumbs_up), *HIDDEN_KINDS],
     )
     return [{k: r[k] for k in ("source", "id", "turn_id", "question", "answer", "label")} for r in rows]
 

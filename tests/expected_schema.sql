@@ -88,7 +88,7 @@ CREATE TABLE "api_keys" (
    "created_at" TEXT NOT NULL,
    "revoked_at" TEXT,
    "last_used_at" TEXT
-);
+, "test" INTEGER NOT NULL DEFAULT 0);
 -- table corrections
 CREATE TABLE "corrections" (
    "id" INTEGER PRIMARY KEY,

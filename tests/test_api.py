@@ -14,7 +14,7 @@ import app
 from assistant import adapters, paths
 from assistant.chat import ChatService, ScriptedBackend
 from assistant.config import ServeConfig
-from feedback import api, apikeys
+from feedback import api, apikeys, store
 from feedback.db import ThreadLocalDB, connect
 from test_app import Served, fake_adapter, free_port
 from tuneloop import cli
@@ -182,3 +182,26 @@ def test_an_answer_cut_at_max_new_tokens_says_length_and_is_logged_cut(tuneloop_
     assert finishes[-1] == "length"
     assert served.rows("SELECT answer, status FROM turns ORDER BY id") == [
         ("You asked: Tell me about savings.", "cut"), ("You asked: Tell me about savings.", "cut")]
+
+
+def test_a_test_keys_answers_are_marked_test_hidden_from_the_queue_and_never_trained_on(tuneloop_home, capsys):
+    # A monitoring probe or a channel's own test suite asks through a key created with --test.
+    assert cli.main(["apikey", "create", "probe", "--test"]) == 0
+    probe = capsys.readouterr().out.strip()
+    web = apikeys.create_key(connect(), "web")
+    assert cli.main(["apikey", "list", "--json"]) == 0
+    assert {key["name"]: key["test"] for key in json.loads(capsys.readouterr().out)} == {"probe": True, "web": False}
+    with serve() as (served, _service):
+        answers = {}
+        for name, key in (("probe", probe), ("web", web)):
+            answer_id = complete(served, key, user(f"Is the branch open today? ({name})")).json()["id"]
+            vote = httpx.post(served.url + api.FEEDBACK_PATH, headers={"Authorization": f"Bearer {key}"},
+                              json={"turn_id": answer_id, "value": "up"}, timeout=10)
+            assert vote.status_code == 200, vote.text
+            answers[name] = int(answer_id.removeprefix("chatcmpl-"))
+        assert served.rows("SELECT t.id, s.kind FROM turns t JOIN sessions s ON s.id = t.session_id ORDER BY t.id") == [
+            (answers["probe"], "test"), (answers["web"], "api")]
+    db = connect()
+    queue = lambda **f: [item["turn_id"] for item in store.review_queue(db, 1, 10, store.QueueFilter(**f))]
+    assert queue() == [answers["web"]] and sorted(queue(show_hidden=True)) == [answers["probe"], answers["web"]]
+    assert [row["turn_id"] for row in store.export_rows(db, include_thumbs_up=True)] == [answers["web"]]

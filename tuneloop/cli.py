@@ -465,7 +465,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "retrain": ("tuneloop retrain", "tuneloop retrain --force --max-steps 20 --json"),
     "backup": ("tuneloop backup /srv/backups/tuneloop-2026-01-31",),
     "restore": ("tuneloop restore /srv/backups/tuneloop-2026-01-31",),
-    "apikey create": ("tuneloop apikey create mobile-app --per-minute 60",),
+    "apikey create": ("tuneloop apikey create mobile-app --per-minute 60", "tuneloop apikey create uptime-probe --test"),
     "apikey list": ("tuneloop apikey list --json",),
     "apikey revoke": ("tuneloop apikey revoke mobile-app",),
     "privacy erase": ("tuneloop privacy erase --session Vq3x9TQ0nR8mYk2pLw7s1A --by alice", "tuneloop privacy erase --turn 345 --json"),
