@@ -655,6 +655,10 @@ def _page(page: float | None) -> int:
         return 1
 
 
+NO_ADAPTER_YET = "none promoted yet: the base model answers until a retrain passes the gate"
+"""What staff read in "Adapter serving now" on a fresh install (``tuneloop status`` says the same)."""
+
+
 def _model_section(db: ThreadLocalDB, signed_in):
     """The staff view's model section: the adapter serving now, the last gate decision and the F1
     history plot the last report wrote (data from :mod:`feedback.review`).
@@ -676,7 +680,7 @@ def _model_section(db: ThreadLocalDB, signed_in):
         png = review.f1_history_png()
         # Before the first retrain there is no plot to show: the plot stays hidden and the decision
         # and run boxes say "No retrain has run yet." instead of an empty frame.
-        return (adapters.current_version() or "none (base model)", review.retrain_text(db.get()),
+        return (adapters.current_version() or NO_ADAPTER_YET, review.retrain_text(db.get()),
                 review.decision_text(review.last_decision(db.get())),
                 gr.update(value=str(png) if png else None, visible=png is not None))
 

@@ -86,6 +86,7 @@ def test_customer_thumbs_down_then_staff_correction(browser, tuneloop_home):
         page.get_by_label("Password").fill(STAFF_PASSWORD)
         page.get_by_role("button", name="Sign in").click()
         expect(page.get_by_label("Signed in as")).to_have_value("alice")
+        expect(page.get_by_label("Adapter serving now")).to_have_value(app.NO_ADAPTER_YET)
         (cookie,) = [c for c in page.context.cookies() if c["name"] == app.STAFF_COOKIE]
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and page.evaluate("document.cookie") == ""
         table = page.get_by_role("grid", name="Dataframe")
