@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from assistant import adapters
+from assistant import adapters, progress
 from assistant.config import ANSWER_FIELDS, ServeConfig, add_arguments, from_args, load
 
 
@@ -23,7 +23,8 @@ def cmd_eval(args) -> int:
     # What `tuneloop serve` and `tuneloop retrain` resolve too, with this command's serve options on top.
     serve = from_args(ServeConfig, "serve", args)
     try:
-        report = evaluate.main(cfg, serve)
+        with progress.on_stderr():
+            report = evaluate.main(cfg, serve)
     except (DatasetError, adapters.AdapterError) as exc:
         print(f"tuneloop eval: {exc}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from assistant import adapters, paths
+from assistant import adapters, paths, progress
 from assistant.chat import answer_from_reference, build_messages, resolve_backend, retrieval_for, with_references, without_special_tokens
 from assistant.config import ServeConfig, check
 from evals import metrics
@@ -481,13 +481,14 @@ def evaluate(
     shots: list[tuple[str, str]] | None = None,
     batch_size: int = 16,
     general_texts: Sequence[str] | None = None,
+    stages: progress.StageProgress | None = None,
 ) -> EvalReport:
     """Generate and score answers of ``adapter`` (None = base) on ``test``; returns the report.
 
     Each prompt holds the references serving would give this system (:func:`retrieval_settings`),
     found in the test set's :class:`EvalIndex`; a few-shot prompt holds its ``shots`` instead. The
     gate metric ``f1`` is label F1 when the test set has labels, else answer F1; ``perplexity`` is
-    measured on ``general_texts`` when given.
+    measured on ``general_texts`` when given. ``stages`` shows answering and scoring as two stages.
     """
     index = test.index()
     retrieval = None if shots else retrieval_settings(adapter, serve)
@@ -497,8 +498,13 @@ def evaluate(
     # As served: a near-certain match to an approved question is answered with its approved text.
     approved = [answer_from_reference(refs, serve) for refs in found]
     asked = [messages for messages, ref in zip(conversations, approved) if ref is None]
-    generated = iter(runner.generate(asked, adapter, batch_size) if asked else [])
+    system = adapter or ("the base model with a few-shot prompt" if shots else "the base model")
+    if stages is not None:
+        stages.start(f"answering {len(asked)} test questions as {system}", count=len(asked), unit="question")
+    generated = iter(_answers(runner, asked, adapter, batch_size, stages) if asked else [])
     generations = [next(generated) if ref is None else Generation(ref.answer, 0.0, 0, 0) for ref in approved]
+    if stages is not None:
+        stages.start(f"scoring the answers of {system}")
     answers = [g.text for g in generations]
     references = [row["answer"] for row in test.examples]
     truth = [row.get("label") for row in test.examples]
@@ -550,6 +556,20 @@ def evaluate(
     )
 
 
+def _answers(runner: Runner, conversations: list[list[dict]], adapter: str | None, batch_size: int,
+             stages: progress.StageProgress | None) -> list[Generation]:
+    """The runner's answers, in one call; batch by batch while a bar counts them, which only a
+    terminal shows (llama.cpp then decodes ``batch_size`` questions together instead of all)."""
+    if stages is None or not stages.counting:
+        return runner.generate(conversations, adapter, batch_size)
+    answers: list[Generation] = []
+    for start in range(0, len(conversations), batch_size):
+        batch = runner.generate(conversations[start : start + batch_size], adapter, batch_size)
+        stages.advance(len(batch))
+        answers += batch
+    return answers
+
+
 def resolve_adapter(name: str) -> str | None:
     """``"current"`` -> the version serving now (None when the base serves), ``"base"`` -> None."""
     if name == BASE:
@@ -565,17 +585,22 @@ def resolve_adapter(name: str) -> str | None:
 def main(cfg: EvalConfig, serve: ServeConfig, runner: Runner | None = None) -> EvalReport:
     """Evaluate one adapter (and, with ``cfg.baselines``, the base and its few-shot prompt) in the
     served configuration ``serve``, as the caller resolved it."""
-    test = load_test_set(cfg)
-    adapter = resolve_adapter(cfg.adapter)
-    labeler = labeler_for(test)
-    runner = runner or make_runner(serve)
-    report = evaluate(runner, test, adapter, serve, labeler, batch_size=cfg.batch_size)
-    if cfg.baselines:
-        report.baselines = {
-            BASE: evaluate(runner, test, None, serve, labeler, batch_size=cfg.batch_size),
-            "few_shot": evaluate(runner, test, None, serve, labeler,
-                                 few_shot_examples(test.train, cfg.few_shot_k, cfg.seed), cfg.batch_size),
-        }
+    systems = 3 if cfg.baselines else 1
+    with progress.stages("tuneloop eval", 2 + 2 * systems) as stages:
+        stages.start("reading the test set")
+        test = load_test_set(cfg)
+        adapter = resolve_adapter(cfg.adapter)
+        labeler = labeler_for(test)
+        stages.start(f"loading the model {serve.base_model}")
+        runner = runner or make_runner(serve)
+        report = evaluate(runner, test, adapter, serve, labeler, batch_size=cfg.batch_size, stages=stages)
+        if cfg.baselines:
+            report.baselines = {
+                BASE: evaluate(runner, test, None, serve, labeler, batch_size=cfg.batch_size, stages=stages),
+                "few_shot": evaluate(runner, test, None, serve, labeler,
+                                     few_shot_examples(test.train, cfg.few_shot_k, cfg.seed), cfg.batch_size,
+                                     stages=stages),
+            }
     return report
 
 

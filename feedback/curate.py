@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import sqlite_utils
 
-from assistant import paths
+from assistant import paths, progress
 from assistant.config import as_dict, check
 from feedback import datasets, dedupe
 
@@ -100,42 +100,49 @@ def main(cfg: CurateConfig, db: sqlite_utils.Database | None = None) -> CurateRe
     dropped: Counter = Counter({reason: 0 for reason in DROP_REASONS})
     why: dict[str, str] = {}  # candidate id -> reason it was dropped, for the manifest's changes
 
-    held_out, training, superseded = gather(db, cfg.include_thumbs_up)
-    dropped["superseded_by_staff"] = len(superseded)
-    why.update({cid: "superseded by a staff correction or approval of the same turn" for cid in superseded})
-    dropped["thumbs_down"] = count_thumbs_down_only(db)
+    # A dry run, or a curation that changes nothing, ends after the comparison: nothing is written.
+    with progress.stages("tuneloop curate", 4 if cfg.dry_run else 5) as stages:
+        stages.start("gathering examples and feedback")
+        held_out, training, superseded = gather(db, cfg.include_thumbs_up)
+        dropped["superseded_by_staff"] = len(superseded)
+        why.update({cid: "superseded by a staff correction or approval of the same turn" for cid in superseded})
+        dropped["thumbs_down"] = count_thumbs_down_only(db)
 
-    training = best_first(training)
-    training = drop_exact_duplicates(training, dropped, why)
-    test_rows = [c for c in held_out if c.split == "test"]
-    cache = dedupe.EmbeddingCache(db, persist=not cfg.dry_run)
-    training = decontaminate(training, test_rows, cache, cfg.near_duplicate_threshold, dropped, why)
-    training = collapse_near_duplicates(training, cache, cfg.near_duplicate_threshold, dropped, why)
+        training = best_first(training)
+        training = drop_exact_duplicates(training, dropped, why)
+        test_rows = [c for c in held_out if c.split == "test"]
+        cache = dedupe.EmbeddingCache(db, persist=not cfg.dry_run)
+        stages.start("removing training questions that match a test question")
+        training = decontaminate(training, test_rows, cache, cfg.near_duplicate_threshold, dropped, why)
+        stages.start("merging near-duplicate questions")
+        training = collapse_near_duplicates(training, cache, cfg.near_duplicate_threshold, dropped, why)
 
-    splits = {"train": sorted(training, key=lambda c: c.order)}
-    for name in ("val", "test"):
-        splits[name] = sorted((c for c in held_out if c.split == name), key=lambda c: c.order)
-    counts = {name: len(rows) for name, rows in splits.items()}
-    labels = dict(sorted(Counter(c.label or "(none)" for c in splits["train"]).items()))
-    warnings = guardrails(counts["train"], labels, cfg)
+        stages.start("comparing with the latest snapshot")
+        splits = {"train": sorted(training, key=lambda c: c.order)}
+        for name in ("val", "test"):
+            splits[name] = sorted((c for c in held_out if c.split == name), key=lambda c: c.order)
+        counts = {name: len(rows) for name, rows in splits.items()}
+        labels = dict(sorted(Counter(c.label or "(none)" for c in splits["train"]).items()))
+        warnings = guardrails(counts["train"], labels, cfg)
 
-    files = {f"{name}.jsonl": datasets.render_split([c.row() for c in splits[name]]) for name in datasets.SPLITS}
-    hashes = {name: datasets.sha256_bytes(data) for name, data in files.items()}
-    previous = datasets.latest_snapshot()
-    previous_manifest = datasets.load_manifest(previous) if previous else None
-    result = CurateResult(version="", path="", counts=counts, dropped=dict(dropped), dry_run=cfg.dry_run,
-                          labels=labels, warnings=warnings)
-    if previous_manifest and {n: f["sha256"] for n, f in previous_manifest["files"].items()} == hashes:
-        result.version, result.path, result.unchanged = previous.name, str(previous), True
-        return result
+        files = {f"{name}.jsonl": datasets.render_split([c.row() for c in splits[name]]) for name in datasets.SPLITS}
+        hashes = {name: datasets.sha256_bytes(data) for name, data in files.items()}
+        previous = datasets.latest_snapshot()
+        previous_manifest = datasets.load_manifest(previous) if previous else None
+        result = CurateResult(version="", path="", counts=counts, dropped=dict(dropped), dry_run=cfg.dry_run,
+                              labels=labels, warnings=warnings)
+        if previous_manifest and {n: f["sha256"] for n, f in previous_manifest["files"].items()} == hashes:
+            result.version, result.path, result.unchanged = previous.name, str(previous), True
+            return result
 
-    version = datasets.next_version(db)
-    result.version = version
-    result.path = str(paths.datasets_dir() / version)
-    if cfg.dry_run:
-        return result
-    manifest = build_manifest(version, splits, hashes, dict(dropped), why, previous_manifest, cfg, warnings)
-    datasets.write_snapshot(db, version, files, manifest)
+        version = datasets.next_version(db)
+        result.version = version
+        result.path = str(paths.datasets_dir() / version)
+        if cfg.dry_run:
+            return result
+        stages.start(f"writing snapshot {version}")
+        manifest = build_manifest(version, splits, hashes, dict(dropped), why, previous_manifest, cfg, warnings)
+        datasets.write_snapshot(db, version, files, manifest)
     return result
 
 

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
+from assistant import progress
 from assistant.config import add_arguments, from_args
 
 
 def cmd_data_import(args) -> int:
     """Import question/answer examples from a CSV or JSONL file (all rows or none)."""
     from feedback.db import connect
-    from feedback.examples import DataImportError, ImportConfig, import_file
+    from feedback.examples import DataImportError, ImportConfig, import_rows, read_rows
 
     cfg = from_args(ImportConfig, "data", args)
+    path = Path(args.file)
     try:
-        result = import_file(connect(), args.file, question_col=args.question_col, answer_col=args.answer_col,
-                             label_col=args.label_col, allow_test=args.into_test, cfg=cfg)
+        # import_file's two steps, each shown: reading is quick, embedding the new questions is not.
+        with progress.StageProgress("tuneloop data import", 2) as stages:
+            stages.start(f"reading {path.name}")
+            rows = read_rows(path, args.question_col, args.answer_col, args.label_col)
+            stages.start(f"checking {len(rows)} rows, embedding new questions and assigning splits")
+            result = import_rows(connect(), rows, allow_test=args.into_test, cfg=cfg, origin=path.name)
     except DataImportError as exc:
         print(f"tuneloop data import: {exc}", file=sys.stderr)
         return 1
@@ -37,7 +44,8 @@ def cmd_curate(args) -> int:
 
     cfg = from_args(curate.CurateConfig, "curate", args, extra={"dry_run": True if args.dry_run else None})
     try:
-        result = curate.main(cfg)
+        with progress.on_stderr():
+            result = curate.main(cfg)
     except curate.CurateError as exc:
         print(f"tuneloop curate: {exc}", file=sys.stderr)
         return 1

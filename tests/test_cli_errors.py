@@ -220,7 +220,7 @@ def test_demo_without_init_says_so_and_runs_init_first(tiny_model_dir, tuneloop_
 
 
 STAGES = """
-from tuneloop.cli import StageProgress
+from assistant.progress import StageProgress
 with StageProgress("tuneloop init", 2) as progress:
     progress.start("preparing the model")
     progress.start("importing the pack")

@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 OURS = {"assistant", "feedback", "trainer", "evals", "app", "tuneloop"}
 ALLOWED = {
     "assistant": set(),
-    "feedback": {"assistant.paths", "assistant.config", "assistant.embeddings"},
+    "feedback": {"assistant.paths", "assistant.config", "assistant.embeddings", "assistant.progress"},
     "trainer": {"assistant", "feedback"},
     "evals": {"assistant", "feedback"},
     "app": {"assistant", "feedback"},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
+from assistant import progress
 from assistant.config import add_arguments, from_args
 from trainer.config import TrainConfig, resolve_configs
 
@@ -19,7 +20,8 @@ def cmd_train(args) -> int:
 
     cfg, _serve = resolve_configs(from_args(TrainConfig, "train", args))
     try:
-        result = main(cfg)
+        with progress.on_stderr(cfg.progress):  # --no-progress hides the stages as well as the step bar
+            result = main(cfg)
     except (DatasetError, TrainError, ModelError, AdapterError) as exc:
         print(f"tuneloop train: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ forgetting curve, stops early, keeps the best weights and shows progress; it wri
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -322,33 +323,51 @@ class StepTimer(TrainerCallback):
 
 
 class Progress(TrainerCallback):
-    """One tqdm bar (steps, ETA, latest train and val loss) on the main process's stderr."""
+    """Training progress on the main process's stderr: on a terminal one tqdm bar (steps, ETA,
+    latest train and val loss); elsewhere a line after the first step and about every tenth of the
+    steps with the step and the latest losses, which a log keeps readable where a bar would be a
+    long run of redraws."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
+        self.shown = False
         self.bar = None
         self.postfix: dict = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.enabled and state.is_world_process_zero:
+        self.shown = self.enabled and state.is_world_process_zero
+        if self.shown and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=state.max_steps, desc="training", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=state.max_steps, desc="training", unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.bar is None or not logs:
+        if not self.shown or not logs:
             return
         if "loss" in logs:
             self.postfix["loss"] = f"{logs['loss']:.3f}"
         if "eval_loss" in logs:
             self.postfix["val"] = f"{logs['eval_loss']:.3f}"
-        self.bar.set_postfix(self.postfix, refresh=False)
+        if self.bar is not None:
+            self.bar.set_postfix(self.postfix, refresh=False)
+        elif "loss" in logs and _line_due(state.global_step, state.max_steps):
+            step, total = state.global_step, state.max_steps
+            val = f", val loss {self.postfix['val']}" if "val" in self.postfix else ""
+            print(f"training: step {step}/{total} ({100 * step // total}%), loss {self.postfix['loss']}{val}",
+                  file=sys.stderr, flush=True)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _line_due(step: int, total: int) -> bool:
+    """Whether a log gets a line after ``step``: the first (training has started; a tenth can take an
+    hour), and the end of each of about ten equal parts of ``total`` (every step when fewer than ten)."""
+    every = max(1, math.ceil(total / 10))
+    return step == 1 or step % every == 0 or step == total

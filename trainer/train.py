@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from assistant import adapters, paths
+from assistant import adapters, paths, progress
 from assistant import model as base_models
 from assistant.config import ConfigError
 from trainer import augment, data, replay
@@ -87,63 +87,71 @@ def main(cfg: TrainConfig) -> TrainResult:
     paths.configure_environment()
     cfg = resolve(cfg)
     cfg = dataclasses.replace(cfg, precision=effective_precision(cfg))  # written beside the adapter as used
-    snapshot = data.open_snapshot(cfg.dataset)
-    train_rows = data.load_split(snapshot.path, "train")
-    val_rows = data.load_split(snapshot.path, "val")
-    _check_sizes(cfg, snapshot, len(train_rows), len(val_rows))
-    general = data.read_general_text(cfg.general_text, cfg.general_skip) if cfg.general_text else None
-    # Validation and test questions are never roughened: only the training split gets noisy copies.
-    noisy_rows = augment.augment_rows(train_rows, cfg.augment, cfg.seed)
-    train_rows = train_rows + noisy_rows
+    with progress.stages("tuneloop train", 5) as stages:
+        stages.start("reading the dataset snapshot")
+        snapshot = data.open_snapshot(cfg.dataset)
+        train_rows = data.load_split(snapshot.path, "train")
+        val_rows = data.load_split(snapshot.path, "val")
+        _check_sizes(cfg, snapshot, len(train_rows), len(val_rows))
+        general = data.read_general_text(cfg.general_text, cfg.general_skip) if cfg.general_text else None
+        # Validation and test questions are never roughened: only the training split gets noisy copies.
+        noisy_rows = augment.augment_rows(train_rows, cfg.augment, cfg.seed)
+        train_rows = train_rows + noisy_rows
 
-    hints, train_hints, val_hints = None, None, None
-    labels = data.labels_of(train_rows)
-    if cfg.hints and len(labels) < 2:
-        # Hints name labels: a dataset without them (answer-F1-only feedback) trains without.
-        log.warning("topic hints are off for this adapter: the training split has %d label(s), hints need two or more",
-                    len(labels))
-    elif cfg.hints:
-        # Before the base loads: the question classifier's embeddings are torch work of their own.
-        hints, train_hints, val_hints = data.topic_hints(train_rows, val_rows, cfg.hints, cfg.seed)
+        hints, train_hints, val_hints = None, None, None
+        labels = data.labels_of(train_rows)
+        if cfg.hints and len(labels) < 2:
+            # Hints name labels: a dataset without them (answer-F1-only feedback) trains without.
+            log.warning("topic hints are off for this adapter: the training split has %d label(s), hints need two or more",
+                        len(labels))
+        elif cfg.hints:
+            # Before the base loads: the question classifier's embeddings are torch work of their own.
+            hints, train_hints, val_hints = data.topic_hints(train_rows, val_rows, cfg.hints, cfg.seed)
 
-    train_refs, val_refs = _references(cfg, train_rows, val_rows)
+        train_refs, val_refs = _references(cfg, train_rows, val_rows)
 
-    info = base_models.prepare(cfg.base_model)
-    # Sampled (or read from the cache) before the training model loads, by a copy freed afterwards.
-    replay_texts = replay.base_samples(info, round(cfg.replay * len(train_rows)), cfg.device, cfg.seed)
-    tokenizer, model = load_for_training(info, cfg)
-    train_set, skipped_train = data.encode_rows(tokenizer, cfg.system_prompt, train_rows, cfg.max_length, train_hints,
-                                                train_refs)
-    replay_set = replay.encode_texts(tokenizer, replay_texts, cfg.max_length, distil=cfg.replay_loss == "kl")
-    val_set, skipped_val = data.encode_rows(tokenizer, cfg.system_prompt, val_rows, cfg.max_length, val_hints, val_refs)
-    _check_sizes(cfg, snapshot, len(train_set), len(val_set), after_max_length=True)
+        replay_count = round(cfg.replay * len(train_rows))
+        stages.start(f"loading the base model {cfg.base_model}"
+                     + (f" and sampling {replay_count} replay texts from it" if replay_count else ""))
+        info = base_models.prepare(cfg.base_model)
+        # Sampled (or read from the cache) before the training model loads, by a copy freed afterwards.
+        replay_texts = replay.base_samples(info, replay_count, cfg.device, cfg.seed)
+        tokenizer, model = load_for_training(info, cfg)
+        stages.start("encoding the examples with the chat template")
+        train_set, skipped_train = data.encode_rows(tokenizer, cfg.system_prompt, train_rows, cfg.max_length, train_hints,
+                                                    train_refs)
+        replay_set = replay.encode_texts(tokenizer, replay_texts, cfg.max_length, distil=cfg.replay_loss == "kl")
+        val_set, skipped_val = data.encode_rows(tokenizer, cfg.system_prompt, val_rows, cfg.max_length, val_hints, val_refs)
+        _check_sizes(cfg, snapshot, len(train_set), len(val_set), after_max_length=True)
 
-    # Validation stays domain-only: early stopping and the kept weights follow the domain loss.
-    outcome = fit(cfg, tokenizer, model, train_set + replay_set, val_set, general=general)
-    result = TrainResult(
-        adapter=None,
-        path=None,
-        method=cfg.method,
-        train_loss=outcome.train_loss,
-        val_loss=outcome.best_val_loss,
-        base_val_loss=outcome.base_val_loss,
-        stopped_early=outcome.stopped_early,
-        best_step=outcome.best_step,
-        steps=outcome.steps,
-        seconds=round(time.perf_counter() - started, 2),  # export adds well under a second
-        tokens_per_s=outcome.tokens_per_s,
-        train_examples=len(train_set),
-        replay_examples=len(replay_set),
-        augmented_examples=len(noisy_rows),
-        val_examples=len(val_set),
-        skipped_too_long=skipped_train + skipped_val,
-        perplexity_ratio=outcome.perplexity_ratio,
-        within_perplexity_bar=outcome.within_perplexity_bar,
-        dataset=snapshot.version,
-    )
-    if outcome.is_main_process:
-        folder = export(cfg, info, snapshot, tokenizer, model, outcome, result, hints)
-        result.adapter, result.path = folder.name, str(folder)
+        stages.start(f"training the adapter ({cfg.method})")
+        # Validation stays domain-only: early stopping and the kept weights follow the domain loss.
+        outcome = fit(cfg, tokenizer, model, train_set + replay_set, val_set, general=general)
+        result = TrainResult(
+            adapter=None,
+            path=None,
+            method=cfg.method,
+            train_loss=outcome.train_loss,
+            val_loss=outcome.best_val_loss,
+            base_val_loss=outcome.base_val_loss,
+            stopped_early=outcome.stopped_early,
+            best_step=outcome.best_step,
+            steps=outcome.steps,
+            seconds=round(time.perf_counter() - started, 2),  # export adds well under a second
+            tokens_per_s=outcome.tokens_per_s,
+            train_examples=len(train_set),
+            replay_examples=len(replay_set),
+            augmented_examples=len(noisy_rows),
+            val_examples=len(val_set),
+            skipped_too_long=skipped_train + skipped_val,
+            perplexity_ratio=outcome.perplexity_ratio,
+            within_perplexity_bar=outcome.within_perplexity_bar,
+            dataset=snapshot.version,
+        )
+        if outcome.is_main_process:
+            stages.start("writing the adapter")
+            folder = export(cfg, info, snapshot, tokenizer, model, outcome, result, hints)
+            result.adapter, result.path = folder.name, str(folder)
     return result
 
 

@@ -22,6 +22,7 @@ from importlib import metadata
 from assistant import paths
 from assistant.config import (ANSWER_FIELDS, DEFAULT_SYSTEM_PROMPT, ConfigError, ServeConfig, add_arguments, as_dict,
                               from_args, plain_text)
+from assistant.progress import StageProgress
 
 # Modules with ``add_commands(subparsers)`` (and optionally ``status_fields() -> dict``).
 COMMAND_MODULES: list[str] = ["feedback.cli", "trainer.cli", "feedback.data_cli", "feedback.knowledge_cli", "evals.cli",
@@ -281,37 +282,6 @@ def _token_counter(model_path: str):
 
     tokenizer = functools.cache(lambda: AutoTokenizer.from_pretrained(model_path))
     return lambda text: len(tokenizer()(text, add_special_tokens=False)["input_ids"])
-
-
-class StageProgress:
-    """A long command's stages on stderr: a tqdm bar on a terminal, else one line per stage, which
-    stays readable in a log file or a CI job."""
-
-    def __init__(self, command: str, total: int):
-        self.command, self.total, self.index = command, total, 0
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=command, unit="stage", leave=False, file=sys.stderr)
-
-    def start(self, stage: str) -> None:
-        """Stage number ``index + 1`` begins: the ones before it are done."""
-        self.index += 1
-        if self.bar is None:
-            print(f"{self.command}: {stage} ({self.index}/{self.total})", file=sys.stderr, flush=True)
-        else:
-            self.bar.update(self.index - 1 - self.bar.n)
-            self.bar.set_description(f"{self.command}: {stage}")  # redraws, whatever tqdm's mininterval
-
-    def __enter__(self) -> StageProgress:
-        return self
-
-    def __exit__(self, error_type, *exc) -> None:
-        if self.bar is not None:
-            if error_type is None:
-                self.bar.update(self.total - self.bar.n)
-            self.bar.close()
 
 
 def init_summary(payload: dict) -> str:

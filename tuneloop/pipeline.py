@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from assistant import adapters, paths
+from assistant import adapters, paths, progress
 from assistant.config import ServeConfig, add_arguments, check, from_args, load
 from evals import evaluate as evaluation
 from evals import gate as gating
@@ -288,9 +288,24 @@ def start_run(db, cfg: RetrainConfig, train: TrainConfig, gate: gating.GateConfi
     return run_id
 
 
+RETRAIN_STAGES = {
+    "expire": "erasing turns past the retention period",
+    "curate": "curating the dataset snapshot",
+    "train": "training a candidate adapter",
+    "evaluate": "evaluating the candidate, the adapter in service (if any) and the base model on the test set",
+    "gate": "deciding whether the candidate is better (the promotion gate)",
+    "promote": "promoting the candidate if the gate passed it",
+}
+"""The stages of a run in order, as ``tuneloop retrain`` shows them."""
+
+
 def set_stage(db, run_id: int, stage: str) -> None:
+    """Record the stage the run is in, and show it under ``tuneloop retrain`` (the nightly job's log)."""
     log.info("retrain run %s: %s", run_id, stage)
     db["retrain_runs"].update(run_id, {"stage": stage})
+    shown = progress.current()
+    if shown is not None:
+        shown.start(RETRAIN_STAGES[stage])
 
 
 def finished_on(db, dataset_sha: str) -> bool:
@@ -351,7 +366,8 @@ def cmd_retrain(args) -> int:
         "method": args.train_method, "replay": args.train_replay}))
     lower_cpu_priority(cfg.nice)
     try:
-        result = main(cfg, train, serve=serve)
+        with progress.StageProgress("tuneloop retrain", len(RETRAIN_STAGES)):  # each set_stage() starts one
+            result = main(cfg, train, serve=serve)
     except RetrainBusy as exc:
         print(f"tuneloop retrain: {exc}", file=sys.stderr)
         return 3
