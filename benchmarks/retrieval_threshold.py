@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("TUNELOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
 PACK = REPO / "assistant" / "packs" / "peach_state_bank"
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+FACTS = REPO / "benchmarks" / "data" / "new_facts.jsonl"
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 
 
 def vectors(texts: list[str]) -> np.ndarray:
@@ -70,6 +71,20 @@ def main() -> None:
     rng.shuffle(pairs)
     cut = int(len(pairs) * 0.8)
     pack_vectors = table("pack", pairs[:cut], pairs[cut:], args.k)
+
+    # The verbatim bar ([serve] verbatim_min_score): a staff correction's paraphrases should find it as
+    # their best reference above the bar, while the pack's queries above it keep a right top-1 label.
+    facts = [json.loads(line) for line in FACTS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    own = vectors([f["question"] for f in facts])
+    asked = [(p, i) for i, f in enumerate(facts) for p in f["paraphrases"]]
+    to_own = vectors([p for p, _ in asked]) @ own.T
+    to_pack = (vectors([p for p, _ in asked]) @ pack_vectors.T).max(axis=1)
+    best_own = to_own.argmax(axis=1)
+    own_score = to_own[np.arange(len(asked)), [i for _, i in asked]]
+    found = np.array([best_own[n] == i for n, (_, i) in enumerate(asked)]) & (own_score > to_pack)
+    shares = ", ".join(f"{t:.2f}: {(found & (own_score >= t)).mean():.3f}" for t in THRESHOLDS)
+    print(f"\ncorrection paraphrases ({len(asked)} of {len(facts)} new facts) whose best reference is their own "
+          f"correction, at or above: {shares}")
 
     general = [line.strip() for line in (PACK / "general.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
     best = (vectors(general) @ pack_vectors.T).max(axis=1)
