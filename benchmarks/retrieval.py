@@ -136,8 +136,10 @@ def states(answer: str, fact: str) -> bool:
     return re.search(r"(?<![\w.,])" + re.escape(fact) + r"(?![\w]|[.,]\d)", answer, re.IGNORECASE) is not None
 
 
-def corrections(serve) -> dict:
-    """Part 2: add each new fact for one phrasing, ask two others; the share answered with the fact."""
+def corrections(serve, adapter: str | None) -> dict:
+    """Part 2: add each new fact for one phrasing, ask two others; the share answered with the fact.
+    ``adapter`` (None = the base model) serves meanwhile; the pointer and the index are put back after."""
+    from assistant import adapters
     from assistant.chat import ChatService, make_backend
     from feedback import knowledge
     from feedback.db import ThreadLocalDB
@@ -145,10 +147,21 @@ def corrections(serve) -> dict:
 
     facts = [json.loads(line) for line in FACTS.read_text(encoding="utf-8").splitlines() if line.strip()]
     local = ThreadLocalDB()
-    service = ChatService(serve, make_backend(serve), references=KnowledgeIndex(local.get))
-    asked, stated, verbatim, misses = 0, 0, 0, []
+    serving = adapters.current_version()
+    adapters.set_current(adapter, "benchmarks/retrieval.py corrections")
+    try:
+        service = ChatService(serve, make_backend(serve), references=KnowledgeIndex(local.get))
+        return _ask_corrections(service, facts, local)
+    finally:
+        adapters.set_current(serving, "benchmarks/retrieval.py put back the adapter in service")
+
+
+def _ask_corrections(service, facts: list[dict], local) -> dict:
+    from feedback import knowledge
+
+    asked, stated, verbatim, misses, added = 0, 0, 0, [], []
     for fact in facts:
-        knowledge.add(local.get(), fact["question"], fact["answer"])
+        added.append(knowledge.add(local.get(), fact["question"], fact["answer"]))
         for paraphrase in fact["paraphrases"]:
             stream = service.answer(paraphrase)
             text = "".join(stream)
@@ -160,6 +173,8 @@ def corrections(serve) -> dict:
                 best = stream.stats.sources[0].score if stream.stats.sources else None
                 misses.append({"asked": paraphrase, "fact": fact["fact"], "answer": text.strip(),
                                "best_reference": None if best is None else round(best, 3)})
+    for entry in added:
+        knowledge.remove(local.get(), entry)
     return {"facts": len(facts), "asked": asked, "stated_the_new_fact": stated, "share": round(stated / asked, 3),
             "of_which_verbatim": verbatim, "adapter": service.backend.active, "misses": misses}
 
@@ -212,12 +227,12 @@ def main() -> None:
         print_table(f"Peach State Bank pack, {snapshot.name}", len(test.examples), rows)
         results["pack"] = rows
     runner = None  # its model's memory goes before the chat backend loads its own
-    if "corrections" not in args.skip:
-        found = corrections(pack_serve)
-        results["corrections"] = found
-        print(f"\ncorrections before any retrain: {found['stated_the_new_fact']} of {found['asked']} paraphrases "
-              f"({found['share']:.0%}) of {found['facts']} new facts answered with the new fact, "
-              f"{found['of_which_verbatim']} of them with the approved text itself; adapter serving: {found['adapter'] or 'none (base model)'}")
+    for adapter in [None, *args.adapter] if "corrections" not in args.skip else []:
+        found = corrections(pack_serve, adapter)
+        results.setdefault("corrections", []).append(found)
+        print(f"\ncorrections before any retrain, {found['adapter'] or 'base model'} serving: {found['stated_the_new_fact']} of "
+              f"{found['asked']} paraphrases ({found['share']:.0%}) of {found['facts']} new facts answered with the new fact, "
+              f"{found['of_which_verbatim']} of them with the approved text itself", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
 
