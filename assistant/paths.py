@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -85,6 +86,11 @@ def configure_environment() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and "transformers" in sys.modules:
+        # transformers reads the variable once, at import: one imported earlier (a test session) is told too.
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     quiet_optional_kernels()
     if os.environ.get("TUNELOOP_OFFLINE", "1") != "0":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
