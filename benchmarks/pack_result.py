@@ -8,7 +8,7 @@ and the promotion gate against the base model. Prints label F1 (the gate metric)
 ROUGE-L, latency and prompt tokens for each system, the training time and the gate's reasons. The
 docs/results.md quotes this output.
 
-    .venv/bin/python benchmarks/pack_result.py [--method qlora] [--epochs 1] [--lr 0] [--replay 0] [--neftune 0] [--augment 0] [--hints 0] [--seed N] [--limit 0]
+    .venv/bin/python benchmarks/pack_result.py [--method qlora] [--epochs 1] [--lr 0] [--replay 0] [--neftune 0] [--augment 0] [--hints 0] [--retrieval-k 0] [--seed N] [--limit 0]
     .venv/bin/python benchmarks/pack_result.py --home H --report-only   # reprint an earlier run's figures
     .venv/bin/python benchmarks/pack_result.py --import benchmarks/data/pack_more_questions.jsonl --epochs 3.5
 
@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-RUN_ONLY = ("method", "epochs", "lr", "replay", "neftune", "augment", "hints", "seed", "max_steps", "limit", "import_file")
+RUN_ONLY = ("method", "epochs", "lr", "replay", "neftune", "augment", "hints", "retrieval_k", "seed", "max_steps", "limit", "import_file")
 """Options that shape a new run, meaningless with ``--report-only``."""
 
 
@@ -52,6 +52,8 @@ def main() -> int:
     parser.add_argument("--neftune", type=float, default=0, help="NEFTune noise alpha (default: the trainer's)")
     parser.add_argument("--augment", type=float, default=0, help="noisy copies per training question (default: the trainer's)")
     parser.add_argument("--hints", type=int, default=None, help="topic hints: labels per prompt, 0 = none (default: the trainer's)")
+    parser.add_argument("--retrieval-k", type=int, default=None,
+                        help="references per training prompt, 0 = none (default: the trainer's); served with them too")
     parser.add_argument("--seed", type=int, default=None, help="training seed: adapter init, shuffling, dropout (default: the trainer's)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop training after N steps (0 = all epochs)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate on the first N test questions only (0 = all)")
@@ -99,6 +101,8 @@ def run(args: argparse.Namespace) -> dict:
         overrides["seed"] = args.seed
     if args.hints is not None:  # 0 turns them off
         overrides["hints"] = args.hints
+    if args.retrieval_k is not None:
+        overrides["retrieval_k"] = args.retrieval_k
     # The nightly job as cron runs it (training's progress bar shows on stderr), minus the staff
     # review batch; the gate is the configured one.
     return pipeline.main(pipeline.RetrainConfig(review_samples=0, limit=args.limit), train=TrainConfig(**overrides))
@@ -126,7 +130,7 @@ def report(result: dict, output: str | None) -> None:
     print(f"Peach State Bank pack, {reports['candidate']['n']} held-out test questions; base {provenance['base_model']} "
           f"served nf4 on CPU ({os.cpu_count()} cores)")
     print(f"recipe: {trained['method']}, r={config['lora_r']}, alpha={config['lora_alpha']}, lr={config['lr']}, "
-          f"epochs={config['epochs']}, batch={config['batch_size']}, replay={config['replay']}, neftune={config.get('neftune_alpha', 0)}, augment={config.get('augment', 0)}, hints={config.get('hints', 0)}, seed={config['seed']}; "
+          f"epochs={config['epochs']}, batch={config['batch_size']}, replay={config['replay']}, neftune={config.get('neftune_alpha', 0)}, augment={config.get('augment', 0)}, hints={config.get('hints', 0)}, retrieval_k={config.get('retrieval_k', 0)}, seed={config['seed']}; "
           f"{trained['train_examples']} train ({trained.get('augmented_examples', 0)} noisy copies) "
           f"+ {trained['replay_examples']} replay / "
           f"{trained['val_examples']} val examples; {trained['steps']} steps (best {trained['best_step']}), "
