@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from assistant import progress
 from assistant.config import add_arguments, from_args
@@ -13,17 +12,13 @@ from assistant.config import add_arguments, from_args
 def cmd_data_import(args) -> int:
     """Import question/answer examples from a CSV or JSONL file (all rows or none)."""
     from feedback.db import connect
-    from feedback.examples import DataImportError, ImportConfig, import_rows, read_rows
+    from feedback.examples import DataImportError, ImportConfig, import_file
 
     cfg = from_args(ImportConfig, "data", args)
-    path = Path(args.file)
     try:
-        # import_file's two steps, each shown: reading is quick, embedding the new questions is not.
-        with progress.StageProgress("tuneloop data import", 2) as stages:
-            stages.start(f"reading {path.name}")
-            rows = read_rows(path, args.question_col, args.answer_col, args.label_col)
-            stages.start(f"checking {len(rows)} rows, embedding new questions and assigning splits")
-            result = import_rows(connect(), rows, allow_test=args.into_test, cfg=cfg, origin=path.name)
+        with progress.on_stderr():
+            result = import_file(connect(), args.file, question_col=args.question_col, answer_col=args.answer_col,
+                                 label_col=args.label_col, allow_test=args.into_test, cfg=cfg)
     except DataImportError as exc:
         print(f"tuneloop data import: {exc}", file=sys.stderr)
         return 1

@@ -32,6 +32,7 @@ import sqlite_utils
 
 from feedback.text import NOT_STORABLE, is_storable
 
+from assistant import progress
 from assistant.config import check
 from feedback import dedupe, split
 
@@ -105,8 +106,12 @@ def import_file(
     ``label_col`` None means "use a ``label`` column when the file has one".
     """
     path = Path(path)
-    rows = read_rows(path, question_col, answer_col, label_col)
-    return import_rows(db, rows, source=source, allow_test=allow_test, cfg=cfg, origin=path.name)
+    # Two stages, shown under `tuneloop data import`: reading is quick, embedding the new questions is not.
+    with progress.stages("tuneloop data import", 2) as stages:
+        stages.start(f"reading {path.name}")
+        rows = read_rows(path, question_col, answer_col, label_col)
+        stages.start(f"checking {len(rows)} rows, embedding new questions and assigning splits")
+        return import_rows(db, rows, source=source, allow_test=allow_test, cfg=cfg, origin=path.name)
 
 
 def read_rows(path: Path, question_col: str = "question", answer_col: str = "answer", label_col: str | None = None) -> list[dict]:
