@@ -201,6 +201,27 @@ def answer_from_reference(references: list[Reference], cfg: ServeConfig) -> Refe
     return None
 
 
+STAFF_SOURCES = ("correction", "approval", "manual", "added")
+"""Knowledge entries a person approved after the dataset snapshot (``feedback.knowledge``'s sources
+other than ``dataset`` and ``catalog``)."""
+
+
+def staff_first(references: list[Reference], margin: float) -> list[Reference]:
+    """``references`` (best first) with the staff-approved ones scoring within ``margin`` of the best
+    moved to the front, each group keeping its order.
+
+    A correction is newer than the training data and a person checked it; when it is about as close
+    to the question as a training pair, it is most likely what the question is about now (measured
+    in benchmarks/retrieval_threshold.py). Evaluation's index holds no staff entries, so this only
+    changes what serving shows.
+    """
+    if margin <= 0 or not references:
+        return references
+    bar = references[0].score - margin
+    first = [r for r in references if getattr(r, "source", None) in STAFF_SOURCES and r.score >= bar]
+    return first + [r for r in references if not any(r is f for f in first)]
+
+
 def retrieval_for(version: str | None, cfg: ServeConfig) -> tuple[int, float]:
     """``(k, min_score)`` of the references ``version`` (None = the base model) is given: the
     settings the adapter was trained with, (0, 0.0) for one trained without references, the serve
@@ -323,7 +344,10 @@ class ChatService:
         if self.references is None:
             return []
         k, min_score = self.retrieval()
-        return list(self.references.references(question, k, min_score)) if k > 0 else []
+        if k <= 0:
+            return []
+        found = list(self.references.references(question, 2 * k if self.cfg.staff_margin > 0 else k, min_score))
+        return staff_first(found, self.cfg.staff_margin)[:k]
 
     @staticmethod
     def _approved(reference: Reference, stats: AnswerStats) -> Iterator[str]:

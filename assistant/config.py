@@ -76,6 +76,8 @@ class ServeConfig:
     """Approved question/answer pairs put in the prompt when the base model serves (0 = none); an adapter uses what it was trained with."""
     retrieval_min_score: float = 0.4
     """Least cosine similarity between a pair's question and the customer's for the pair to be used (chosen by benchmarks/retrieval_threshold.py)."""
+    staff_margin: float = 0.05
+    """A staff-approved pair (correction, approval, `tuneloop knowledge add`) scoring within this much of the best reference goes first; 0 keeps plain similarity order (chosen by benchmarks/retrieval_threshold.py)."""
     verbatim: bool = True
     """Answer a question whose best reference is a near-certain match (similarity >= verbatim_min_score) to an approved question with that approved answer itself, without generating."""
     verbatim_min_score: float = 0.9
@@ -131,6 +133,7 @@ class ServeConfig:
         check(0 <= self.max_history_turns <= 50, "max_history_turns must be between 0 and 50")
         check(0 <= self.retrieval_k <= 20, "retrieval_k must be between 0 (no references) and 20")
         check(0.0 <= self.retrieval_min_score <= 1.0, "retrieval_min_score must be between 0 and 1")
+        check(0.0 <= self.staff_margin <= 1.0, "staff_margin must be between 0 (plain similarity order) and 1")
         check(0.5 <= self.verbatim_min_score <= 1.0, "verbatim_min_score must be between 0.5 and 1 (set verbatim = false to turn it off)")
         check(1 <= self.concurrency <= 64, "concurrency must be between 1 and 64")
         check(0 <= self.max_queue <= 1000, "max_queue must be between 0 and 1000")
@@ -237,7 +240,7 @@ def as_dict(cfg: Any) -> dict[str, Any]:
 
 ANSWER_FIELDS = ("base_model", "quantization", "device", "backend", "system_prompt", "max_new_tokens", "temperature",
                  "top_p", "repetition_penalty", "max_input_chars", "max_history_turns", "retrieval_k",
-                 "retrieval_min_score", "verbatim", "verbatim_min_score")
+                 "retrieval_min_score", "staff_margin", "verbatim", "verbatim_min_score")
 """The ``ServeConfig`` fields that shape an answer; the others set up the web server and the chat page.
 Commands that answer without serving (``ask``, ``eval``) offer only these as options."""
 

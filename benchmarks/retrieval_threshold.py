@@ -59,6 +59,55 @@ def table(name: str, pool: list[tuple[str, str]], queries: list[tuple[str, str]]
     return pool_vectors
 
 
+MARGINS = (0.0, 0.05, 0.1, 0.15, 0.2)
+
+
+def staff_margin_table(pool: list[tuple[str, str]], pool_vectors: np.ndarray, queries: list[tuple[str, str]],
+                       facts: list[dict], asked: list[tuple[str, int]], k: int) -> None:
+    """``[serve] staff_margin``: with the new facts' corrections in the index beside the pack's pool,
+    ordered as serving orders them (``assistant.chat.staff_first``), how often a paraphrase gets its
+    correction first and in the top ``k``, against how often a pack question gets a correction first
+    and keeps its right label in the top ``k``."""
+    from dataclasses import dataclass
+
+    from assistant.chat import staff_first
+    from assistant.config import ServeConfig
+
+    @dataclass
+    class Entry:
+        id: int
+        label: str | None
+        source: str
+        score: float
+
+    entries = [(label, "dataset") for _, label in pool] + [(None, "added")] * len(facts)
+    matrix = np.vstack([pool_vectors, vectors([f["question"] for f in facts])])
+    min_score = ServeConfig().retrieval_min_score
+
+    def found(query_vectors: np.ndarray, margin: float) -> list[list[Entry]]:
+        ranked = []
+        for sims in query_vectors @ matrix.T:
+            best = [int(j) for j in np.argsort(-sims)[: 2 * k] if sims[j] >= min_score]
+            refs = [Entry(j, entries[j][0], entries[j][1], float(sims[j])) for j in best]
+            ranked.append(staff_first(refs, margin)[:k])
+        return ranked
+
+    asked_vectors, query_vectors = vectors([p for p, _ in asked]), vectors([q for q, _ in queries])
+    print(f"\nstaff_margin: {len(facts)} corrections beside the pack pool of {len(pool)}; {len(asked)} paraphrases, "
+          f"{len(queries)} pack queries (similarity >= {min_score}, top {k})")
+    print(f"| margin | paraphrase: its correction first | in top {k} | pack query: a correction first | right label in top {k} |")
+    print("| --- | --- | --- | --- | --- |")
+    for margin in MARGINS:
+        paraphrased = found(asked_vectors, margin)
+        own = [len(pool) + i for _, i in asked]
+        first = np.mean([bool(refs) and refs[0].id == j for refs, j in zip(paraphrased, own)])
+        top = np.mean([any(r.id == j for r in refs) for refs, j in zip(paraphrased, own)])
+        pack = found(query_vectors, margin)
+        stolen = np.mean([bool(refs) and refs[0].source == "added" for refs in pack])
+        right = np.mean([any(r.label == label for r in refs) for refs, (_, label) in zip(pack, queries)])
+        print(f"| {margin:.2f} | {first:.3f} | {top:.3f} | {stolen:.3f} | {right:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=3, help="references per question (default 3)")
@@ -85,6 +134,8 @@ def main() -> None:
     shares = ", ".join(f"{t:.2f}: {(found & (own_score >= t)).mean():.3f}" for t in THRESHOLDS)
     print(f"\ncorrection paraphrases ({len(asked)} of {len(facts)} new facts) whose best reference is their own "
           f"correction, at or above: {shares}")
+
+    staff_margin_table(pairs[:cut], pack_vectors, pairs[cut:], facts, asked, args.k)
 
     general = [line.strip() for line in (PACK / "general.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
     best = (vectors(general) @ pack_vectors.T).max(axis=1)

@@ -12,7 +12,7 @@ import pytest
 
 from assistant import adapters, embeddings, paths
 from assistant.chat import REFERENCES_INTRO, ChatError, ChatService, ScriptedBackend
-from assistant.config import ServeConfig
+from assistant.config import ConfigError, ServeConfig
 from feedback import auth, curate, datasets, knowledge, store, turns
 from feedback.db import ThreadLocalDB, connect
 from feedback.examples import ImportConfig, import_rows
@@ -165,6 +165,44 @@ def test_references_go_in_the_system_turn_and_a_customer_cannot_write_there():
     assert [s.id for s in stream.stats.sources] == [7, 3]
 
 
+@dataclass
+class Sourced(Ref):
+    source: str = "dataset"
+
+
+def test_a_staff_pair_about_as_close_as_the_best_goes_first_and_a_distant_one_does_not():
+    refs = [Sourced(1, "Wire fee?", "A wire costs $25.", 0.82), Sourced(2, "Wire cut-off?", "4 pm ET.", 0.80),
+            Sourced(3, "Cashier's check fee?", "$12.", 0.79, "dataset"),
+            Sourced(9, "Fee for a wire abroad?", "An international wire costs $45.", 0.78, "correction"),
+            Sourced(8, "Notary?", "Notary is $9 per signature.", 0.70, "added")]
+    source = Fixed(refs)
+    service = ChatService(ServeConfig(retrieval_k=3, staff_margin=0.05), ScriptedBackend(), references=source)
+    stream = service.answer("How much to wire money overseas?")
+    "".join(stream)
+    # The correction (0.78, within 0.05 of the best 0.82) leads, from 4th place; the added pair (0.70)
+    # keeps its place, beyond the three; the dataset pairs keep their order.
+    assert [s.id for s in stream.stats.sources] == [9, 1, 2]
+    assert source.asked[-1][1] == 6
+    assert "An international wire costs $45." in service_prompt(service.backend)
+
+    plain = ChatService(ServeConfig(retrieval_k=3, staff_margin=0.0), ScriptedBackend(), references=Fixed(refs))
+    stream = plain.answer("How much to wire money overseas?")
+    "".join(stream)
+    assert [s.id for s in stream.stats.sources] == [1, 2, 3]
+    with pytest.raises(ConfigError, match="staff_margin"):
+        ServeConfig(staff_margin=-0.1)
+
+
+def test_serving_knows_every_staff_source_of_the_index():
+    from assistant import chat
+
+    assert set(chat.STAFF_SOURCES) == set(knowledge.SOURCES) - {"dataset", "catalog"}
+
+
+def service_prompt(backend) -> str:
+    return backend.calls[-1][0]["content"]
+
+
 def test_the_prompt_budget_holds_with_references_dropping_history_first_then_the_weakest_reference():
     long_refs = [Ref(i, f"question {i}", " ".join(["word"] * 40), 0.85 - i / 100) for i in range(3)]
     backend = ScriptedBackend(context_window=200)
@@ -200,7 +238,7 @@ def test_an_adapter_is_served_with_the_retrieval_it_was_trained_with():
     service = ChatService(ServeConfig(retrieval_k=2, retrieval_min_score=0.5), ScriptedBackend(), references=source)
     assert service.retrieval() == (2, 0.5)  # the base model: the config's settings
     "".join(service.answer("wire fee?"))
-    assert source.asked[-1] == ("wire fee?", 2, 0.5)
+    assert source.asked[-1] == ("wire fee?", 4, 0.5)  # twice k: a staff pair near the best may rank lower
 
     fake_adapter("v1-with", {"retrieval": {"k": 1, "min_score": 0.8}})
     adapters.set_current("v1-with", "test")
