@@ -192,11 +192,12 @@ def without_special_tokens(messages: list[dict], tokenizer) -> list[dict]:
 
 def answer_from_reference(references: list[Reference], cfg: ServeConfig) -> Reference | None:
     """The reference whose approved answer is given as it is: the best one, when its question is a
-    near-certain match (``verbatim_min_score``) and it is an answer (a catalog passage is not); None
+    near-certain match (``verbatim_min_score``) by its question (not its answer) and it is an answer
+    (a catalog passage is not); None
     otherwise. A staff correction then reaches a customer word for word, whatever the model would
     make of it. Serving and evaluation both decide with this."""
     if cfg.verbatim and references and references[0].score >= cfg.verbatim_min_score \
-            and getattr(references[0], "source", None) != "catalog":
+            and getattr(references[0], "source", None) != "catalog" and not getattr(references[0], "by_answer", False):
         return references[0]
     return None
 

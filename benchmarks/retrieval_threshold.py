@@ -80,13 +80,18 @@ def staff_margin_table(pool: list[tuple[str, str]], pool_vectors: np.ndarray, qu
         source: str
         score: float
 
+    from feedback.knowledge import scores
+
     entries = [(label, "dataset") for _, label in pool] + [(None, "added")] * len(facts)
     matrix = np.vstack([pool_vectors, vectors([f["question"] for f in facts])])
+    answered = np.arange(len(pool), len(pool) + len(facts))
+    answer_matrix = vectors([f["answer"] for f in facts])
     min_score = ServeConfig().retrieval_min_score
 
-    def found(query_vectors: np.ndarray, margin: float) -> list[list[Entry]]:
+    def found(query_vectors: np.ndarray, margin: float, by_answer: bool) -> list[list[Entry]]:
         ranked = []
-        for sims in query_vectors @ matrix.T:
+        for query in query_vectors:
+            sims = scores(matrix, answered, answer_matrix, query)[0] if by_answer else matrix @ query
             best = [int(j) for j in np.argsort(-sims)[: 2 * k] if sims[j] >= min_score]
             refs = [Entry(j, entries[j][0], entries[j][1], float(sims[j])) for j in best]
             ranked.append(staff_first(refs, margin)[:k])
@@ -94,18 +99,20 @@ def staff_margin_table(pool: list[tuple[str, str]], pool_vectors: np.ndarray, qu
 
     asked_vectors, query_vectors = vectors([p for p, _ in asked]), vectors([q for q, _ in queries])
     print(f"\nstaff_margin: {len(facts)} corrections beside the pack pool of {len(pool)}; {len(asked)} paraphrases, "
-          f"{len(queries)} pack queries (similarity >= {min_score}, top {k})")
-    print(f"| margin | paraphrase: its correction first | in top {k} | pack query: a correction first | right label in top {k} |")
-    print("| --- | --- | --- | --- | --- |")
-    for margin in MARGINS:
-        paraphrased = found(asked_vectors, margin)
+          f"{len(queries)} pack queries (similarity >= {min_score}, top {k}); a correction found by its question "
+          "only, or by its question or answer (as served, feedback.knowledge.scores)")
+    print(f"| found by | margin | paraphrase: its correction first | in top {k} | pack query: a correction first | right label in top {k} |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for by_answer, margin in [(b, m) for b in (False, True) for m in MARGINS]:
+        paraphrased = found(asked_vectors, margin, by_answer)
         own = [len(pool) + i for _, i in asked]
         first = np.mean([bool(refs) and refs[0].id == j for refs, j in zip(paraphrased, own)])
         top = np.mean([any(r.id == j for r in refs) for refs, j in zip(paraphrased, own)])
-        pack = found(query_vectors, margin)
+        pack = found(query_vectors, margin, by_answer)
         stolen = np.mean([bool(refs) and refs[0].source == "added" for refs in pack])
         right = np.mean([any(r.label == label for r in refs) for refs, (_, label) in zip(pack, queries)])
-        print(f"| {margin:.2f} | {first:.3f} | {top:.3f} | {stolen:.3f} | {right:.3f} |")
+        print(f"| {'question or answer' if by_answer else 'question'} | {margin:.2f} | {first:.3f} | {top:.3f} "
+              f"| {stolen:.3f} | {right:.3f} |")
 
 
 def main() -> None:

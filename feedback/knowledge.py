@@ -1,7 +1,7 @@
 """The knowledge index: approved question/answer pairs that answers are grounded on.
 
 Entries (table ``knowledge``, owned here), each with the MiniLM vector of its question in the same
-row:
+row (staff entries are found by their answer too, :func:`scores`):
 
 * ``dataset``: imported and pack examples in the train split of the latest dataset snapshot;
 * ``correction``, ``approval``, ``manual``: staff answers, indexed in the transaction that saves
@@ -38,6 +38,8 @@ from feedback import datasets, dedupe
 
 SOURCES = ("dataset", "correction", "approval", "manual", "catalog", "added")
 STAFF_SOURCES = ("correction", "approval", "manual")
+ANSWER_SEARCHED = (*STAFF_SOURCES, "added")
+"""Entries found by their answer as well as their question (:func:`scores`)."""
 DIMENSIONS = 384
 
 
@@ -55,7 +57,11 @@ class Reference:
     label: str | None
     source: str
     score: float
-    """Cosine similarity of the entry's question to the asked question."""
+    """Cosine similarity of the entry's question to the asked question; for a staff entry, of its
+    question or its answer, whichever is closer (:func:`scores`)."""
+    by_answer: bool = False
+    """The score is its answer's: the asked question resembles what the answer says more than the
+    approved question (never answered verbatim, which needs a question that asks the same)."""
 
     def to_json(self) -> dict:
         return {"id": self.id, "question": self.question, "score": round(self.score, 4)}
@@ -219,6 +225,8 @@ class KnowledgeIndex:
         self._key: tuple | None = None
         self._rows: list[tuple] = []
         self._matrix = np.zeros((0, DIMENSIONS), dtype=np.float32)
+        self._answered = np.zeros(0, dtype=np.int64)
+        self._answer_matrix = np.zeros((0, DIMENSIONS), dtype=np.float32)
         self._snapshot: object = object()  # the snapshot last synced; a sentinel before the first sync
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="knowledge")
 
@@ -229,12 +237,13 @@ class KnowledgeIndex:
         return self._worker.submit(self._search, question, k, min_score).result()
 
     def _search(self, question: str, k: int, min_score: float) -> list[Reference]:
-        rows, matrix = self._current()
+        rows, matrix, answered, answer_matrix = self._current()
         if not rows:
             return []
-        return _nearest(rows, matrix, embeddings.embed([dedupe.embedding_text(question)])[0], k, min_score)
+        query = embeddings.embed([dedupe.embedding_text(question)])[0]
+        return _nearest(rows, *scores(matrix, answered, answer_matrix, query), k, min_score)
 
-    def _current(self) -> tuple[list[tuple], np.ndarray]:
+    def _current(self) -> tuple[list[tuple], np.ndarray, np.ndarray, np.ndarray]:
         db = self._db()
         snapshot = datasets.latest_snapshot()
         if snapshot != self._snapshot:
@@ -254,8 +263,12 @@ class KnowledgeIndex:
                 self._rows = [tuple(r[:5]) for r in found]
                 self._matrix = (np.stack([np.frombuffer(r[5], dtype=np.float32) for r in found])
                                 if found else np.zeros((0, DIMENSIONS), dtype=np.float32))
+                # Staff answers' vectors come from the embedding cache: each text is embedded once,
+                # by the first question after it was saved.
+                self._answered = np.array([i for i, r in enumerate(found) if r[4] in ANSWER_SEARCHED], dtype=np.int64)
+                self._answer_matrix = dedupe.EmbeddingCache(db).vectors([found[i][2] for i in self._answered])
                 self._key = key
-            return self._rows, self._matrix
+            return self._rows, self._matrix, self._answered, self._answer_matrix
 
 
 class MemoryIndex:
@@ -272,7 +285,7 @@ class MemoryIndex:
         """For each unit query vector, the ``k`` entries with cosine >= ``min_score``, best first."""
         if k <= 0 or not self._rows:
             return [[] for _ in query_vectors]
-        return [_nearest(self._rows, self._matrix, query, k, min_score) for query in query_vectors]
+        return [_nearest(self._rows, self._matrix @ query, None, k, min_score) for query in query_vectors]
 
     def references(self, question: str, k: int, min_score: float) -> list[Reference]:
         """The ``k`` entries closest to ``question`` (:class:`assistant.chat.ReferenceSource`)."""
@@ -281,13 +294,34 @@ class MemoryIndex:
         return self.search(embeddings.embed([dedupe.embedding_text(question)]), k, min_score)[0]
 
 
-def _nearest(rows: list[tuple], matrix: np.ndarray, query: np.ndarray, k: int, min_score: float) -> list[Reference]:
-    """The ``k`` rows whose vectors are closest to ``query`` with cosine >= ``min_score``, best first
-    (ties: the older row first)."""
-    scores = matrix @ query
-    top = np.argsort(-scores, kind="stable")[:k] if len(scores) <= k else np.argpartition(-scores, k)[:k]
-    top = sorted(top.tolist(), key=lambda i: (-scores[i], i))
-    return [Reference(*rows[i], score=float(scores[i])) for i in top if scores[i] >= min_score]
+def scores(matrix: np.ndarray, answered: np.ndarray, answer_matrix: np.ndarray,
+           query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each entry's cosine to the unit ``query``: its question's, or for the entries ``answered``
+    (staff entries, rows of ``answer_matrix`` in that order) its answer's when that is higher;
+    and which scores are the answer's.
+
+    A staff pair is one phrasing of its question, while a dataset label has many; its answer
+    carries the words a paraphrase uses ("notary service" finds "notarizes documents for $9").
+    Measured in benchmarks/retrieval_threshold.py: a correction is found first for more of its
+    paraphrases, at little cost to other questions."""
+    found = matrix @ query
+    by_answer = np.zeros(len(found), dtype=bool)
+    if len(answered):
+        from_answer = answer_matrix @ query
+        higher = from_answer > found[answered]
+        found[answered[higher]] = from_answer[higher]
+        by_answer[answered[higher]] = True
+    return found, by_answer
+
+
+def _nearest(rows: list[tuple], scored: np.ndarray, by_answer: np.ndarray | None, k: int,
+             min_score: float) -> list[Reference]:
+    """The ``k`` rows with the highest ``scored`` cosine >= ``min_score``, best first (ties: the older
+    row first)."""
+    top = np.argsort(-scored, kind="stable")[:k] if len(scored) <= k else np.argpartition(-scored, k)[:k]
+    top = sorted(top.tolist(), key=lambda i: (-scored[i], i))
+    return [Reference(*rows[i], score=float(scored[i]), by_answer=bool(by_answer is not None and by_answer[i]))
+            for i in top if scored[i] >= min_score]
 
 
 def _insert(db: sqlite_utils.Database, source: str, source_id: str, question: str, answer: str, label: str | None,

@@ -8,12 +8,13 @@ import json
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from assistant import adapters, embeddings, paths
 from assistant.chat import REFERENCES_INTRO, ChatError, ChatService, ScriptedBackend
 from assistant.config import ConfigError, ServeConfig
-from feedback import auth, curate, datasets, knowledge, store, turns
+from feedback import auth, curate, datasets, dedupe, knowledge, store, turns
 from feedback.db import ThreadLocalDB, connect
 from feedback.examples import ImportConfig, import_rows
 from test_data import QUESTIONS, rows_for  # tests/ is on sys.path (pytest rootdir import mode)
@@ -99,6 +100,30 @@ def test_a_correction_is_used_at_once_replaced_by_a_newer_one_and_gone_after_rem
     assert "An outgoing domestic wire costs $20." not in found(index, "How much does a wire transfer cost?")
     with pytest.raises(knowledge.KnowledgeError):
         knowledge.remove(db, 10_000)
+
+
+def test_a_staff_pair_is_found_by_its_answer_too_but_answered_verbatim_only_by_its_question(local, db, staff):
+    import_rows(db, rows_for(QUESTIONS, "general"), cfg=ImportConfig(val_fraction=0.0, test_fraction=0.0))
+    curate.main(curate.CurateConfig(min_train_examples=1, warn_train_examples=1))
+    index = knowledge.KnowledgeIndex(local.get)
+    asked, question = "Can I get an interpreter at the branch?", "Do you offer help in other languages?"
+    answer = "Branches offer interpreters in Spanish and Vietnamese; call ahead to book one."
+    assert index.references(asked, 1, 0.0)[0].source == "dataset"
+    store.add_example(db, staff, question, answer)
+    by_question = float(np.dot(*embeddings.embed([dedupe.embedding_text(asked), dedupe.embedding_text(question)])))
+    refs = index.references(asked, 100, -1.0)
+    assert refs[0].source == "manual" and refs[0].by_answer and refs[0].score > by_question + 0.2
+    assert not any(r.by_answer for r in refs if r.source == "dataset")  # found by their question only
+
+    # However close, a match by the answer is never given as it is.
+    service = ChatService(ServeConfig(retrieval_k=3), ScriptedBackend(), references=index)
+    stream = service.answer(answer)
+    "".join(stream)
+    assert stream.stats.sources[0].by_answer and stream.stats.sources[0].score >= ServeConfig().verbatim_min_score
+    assert stream.stats.verbatim is None
+    stream = service.answer(question)  # while the question itself is
+    "".join(stream)
+    assert stream.stats.verbatim == refs[0].id and stream.text == answer
 
 
 def test_a_correction_and_its_entry_are_stored_together_or_not_at_all(db, staff, monkeypatch):
