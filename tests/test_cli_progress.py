@@ -85,8 +85,8 @@ def test_train_shows_its_stages_and_a_line_per_tenth_of_the_steps(tiny_model_dir
     ]
     # Two steps: a line at each, with the latest loss (and the validation loss before training).
     assert [re.sub(r"\d+\.\d+", "X", line) for line in lines[4:6]] == [
-        "training: step 1/2 (50%), loss X, val loss X",
-        "training: step 2/2 (100%), loss X, val loss X",
+        "training: step 1/2 (50%), loss X, val loss X before training",
+        "training: step 2/2 (100%), loss X, val loss X before training",
     ]
     assert lines[6:] == ["tuneloop train: writing the adapter (5/5)"]
     assert "\r" not in err  # no bar in a log

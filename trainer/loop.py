@@ -325,14 +325,15 @@ class StepTimer(TrainerCallback):
 class Progress(TrainerCallback):
     """Training progress on the main process's stderr: on a terminal one tqdm bar (steps, ETA,
     latest train and val loss); elsewhere a line after the first step and about every tenth of the
-    steps with the step and the latest losses, which a log keeps readable where a bar would be a
-    long run of redraws."""
+    steps with the step and the latest losses (the validation's with the step it was taken at),
+    which a log keeps readable where a bar would be a long run of redraws."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.shown = False
         self.bar = None
         self.postfix: dict = {}
+        self.val_step = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.shown = self.enabled and state.is_world_process_zero
@@ -352,11 +353,14 @@ class Progress(TrainerCallback):
             self.postfix["loss"] = f"{logs['loss']:.3f}"
         if "eval_loss" in logs:
             self.postfix["val"] = f"{logs['eval_loss']:.3f}"
+            self.val_step = state.global_step
         if self.bar is not None:
             self.bar.set_postfix(self.postfix, refresh=False)
         elif "loss" in logs and _line_due(state.global_step, state.max_steps):
             step, total = state.global_step, state.max_steps
-            val = f", val loss {self.postfix['val']}" if "val" in self.postfix else ""
+            # The latest validation may be many steps old (the next comes at the epoch's end): say when.
+            when = "before training" if self.val_step == 0 else f"at step {self.val_step}"
+            val = f", val loss {self.postfix['val']} {when}" if "val" in self.postfix else ""
             print(f"training: step {step}/{total} ({100 * step // total}%), loss {self.postfix['loss']}{val}",
                   file=sys.stderr, flush=True)
 
