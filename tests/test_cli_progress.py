@@ -83,10 +83,11 @@ def test_train_shows_its_stages_and_a_line_per_tenth_of_the_steps(tiny_model_dir
         "tuneloop train: encoding the examples with the chat template (3/5)",
         "tuneloop train: training the adapter (lora) (4/5)",
     ]
-    # Two steps: a line at each, with the latest loss (and the validation loss before training).
+    # Two steps, one epoch each: a line at each, with the latest loss and the latest validation's,
+    # which says when it was measured (before training, then at the end of the first epoch).
     assert [re.sub(r"\d+\.\d+", "X", line) for line in lines[4:6]] == [
         "training: step 1/2 (50%), loss X, val loss X before training",
-        "training: step 2/2 (100%), loss X, val loss X before training",
+        "training: step 2/2 (100%), loss X, val loss X at step 1",
     ]
     assert lines[6:] == ["tuneloop train: writing the adapter (5/5)"]
     assert "\r" not in err  # no bar in a log
