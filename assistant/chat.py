@@ -147,6 +147,9 @@ class ReferenceSource(Protocol):
         """The ``k`` best pairs with similarity >= ``min_score``, best first."""
         ...
 
+    # Optional: ``has_staff() -> bool``, whether any pair is staff-approved (a source without it
+    # is searched for staff pairs on every question, see ChatService._prompt).
+
 
 REFERENCES_INTRO = "Approved answers to similar questions. Use one only if it answers the customer's question:"
 
@@ -191,14 +194,25 @@ def without_special_tokens(messages: list[dict], tokenizer) -> list[dict]:
 
 
 def answer_from_reference(references: list[Reference], cfg: ServeConfig) -> Reference | None:
-    """The reference whose approved answer is given as it is: the best one, when its question is a
-    near-certain match (``verbatim_min_score``) by its question (not its answer) and it is an answer
-    (a catalog passage is not); None
-    otherwise. A staff correction then reaches a customer word for word, whatever the model would
-    make of it. Serving and evaluation both decide with this."""
-    if cfg.verbatim and references and references[0].score >= cfg.verbatim_min_score \
-            and getattr(references[0], "source", None) != "catalog" and not getattr(references[0], "by_answer", False):
-        return references[0]
+    """The reference whose approved answer is given as it is, without generating; None for none.
+
+    The best reference qualifies when its question is a near-certain match (``verbatim_min_score``)
+    and it is an answer (a catalog passage is not); a staff pair
+    leading the references (:func:`staff_first`) qualifies from ``staff_verbatim_min_score``: the
+    models were measured to carry a correction's fact over about 1 time in 10 even with the
+    correction first in the prompt, while at that similarity the nearest approved answer is on the
+    asked topic about as often as the best adapter's (benchmarks/retrieval_threshold.py). A
+    staff correction then reaches a customer word for word. Serving and evaluation both decide with
+    this (evaluation's index holds no staff pairs).
+    """
+    if not cfg.verbatim or not references:
+        return None
+    best = references[0]
+    source = getattr(best, "source", None)
+    if source in STAFF_SOURCES and best.score >= cfg.staff_verbatim_min_score:
+        return best
+    if best.score >= cfg.verbatim_min_score and source != "catalog":
+        return best
     return None
 
 
@@ -295,12 +309,12 @@ class ChatService:
         self._count_in_flight(+1)
         release = _Once(self._release)
         try:
-            messages, references = self._prompt(question, history)
+            messages, references, verbatim = self._prompt(question, history)
         except BaseException:
             release()
             raise
-        verbatim = answer_from_reference(references, self.cfg)
-        stats = AnswerStats(adapter=None, sources=list(references), verbatim=verbatim.id if verbatim else None)
+        sources = list(references) or ([verbatim] if verbatim else [])
+        stats = AnswerStats(adapter=None, sources=sources, verbatim=verbatim.id if verbatim else None)
         pieces = self._approved(verbatim, stats) if verbatim else self.backend.stream(messages, stats)
         stream = Stream(self._timed(pieces, stats, release), stats)
         # A stream dropped without being read gives its place back too.
@@ -315,11 +329,21 @@ class ChatService:
         self._count_in_flight(-1)
         self._admitted.release()
 
-    def _prompt(self, question: str, history: list[tuple[str, str]] | None) -> tuple[list[dict], list[Reference]]:
-        """The messages to answer from, and the references they hold."""
+    def _prompt(self, question: str, history: list[tuple[str, str]] | None) -> tuple[list[dict], list[Reference], Reference | None]:
+        """The messages to answer from, the references they hold, and the reference to answer with
+        as it is instead (:func:`answer_from_reference`), if any.
+
+        An adapter trained without references gets none in its prompt, but a staff pair leading the
+        serve settings' search is still given verbatim: a correction reaches customers at once
+        whatever the adapter in service was trained with.
+        """
         history = list(history or [])[-self.cfg.max_history_turns :] if self.cfg.max_history_turns else []
         budget = self.backend.context_window - self.cfg.max_new_tokens
-        references = self._references(question)
+        k, min_score = self.retrieval()
+        references, staff_lead = self._references(question, k, min_score), []
+        if k <= 0 and self.cfg.retrieval_k > 0 and self._has_staff():
+            found = self._references(question, self.cfg.retrieval_k, self.cfg.retrieval_min_score)
+            staff_lead = [r for r in found[:1] if getattr(r, "source", None) in STAFF_SOURCES]
         messages = with_references(build_messages(self.cfg.system_prompt, history, question), references)
         # Drop the oldest turns, then the weakest references, until the prompt fits: training prompts
         # hold references and no earlier turns, so references are what the model learnt to use. The
@@ -332,7 +356,12 @@ class ChatService:
             else:
                 raise ChatError("Your message is too long for the model's context. Please shorten it.")
             messages = with_references(build_messages(self.cfg.system_prompt, history, question), references)
-        return messages, references
+        return messages, references, answer_from_reference(references or staff_lead, self.cfg)
+
+    def _has_staff(self) -> bool:
+        """Whether the index holds any staff pair (a source that cannot tell is taken to hold some)."""
+        has_staff = getattr(self.references, "has_staff", None)
+        return bool(has_staff()) if has_staff is not None else self.references is not None
 
     def retrieval(self) -> tuple[int, float]:
         """``(k, min_score)`` for the adapter the pointer names (see :func:`retrieval_for`)."""
@@ -341,11 +370,8 @@ class ChatService:
         except adapters.AdapterError:
             return 0, 0.0  # a refused adapter is not served (the backend keeps the previous one); no guessing
 
-    def _references(self, question: str) -> list[Reference]:
-        if self.references is None:
-            return []
-        k, min_score = self.retrieval()
-        if k <= 0:
+    def _references(self, question: str, k: int, min_score: float) -> list[Reference]:
+        if self.references is None or k <= 0:
             return []
         found = list(self.references.references(question, 2 * k if self.cfg.staff_margin > 0 else k, min_score))
         return staff_first(found, self.cfg.staff_margin)[:k]

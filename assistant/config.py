@@ -82,6 +82,8 @@ class ServeConfig:
     """Answer a question whose best reference is a near-certain match (similarity >= verbatim_min_score) to an approved question with that approved answer itself, without generating."""
     verbatim_min_score: float = 0.9
     """Similarity for a verbatim answer: curation's near-duplicate threshold, at which 9 in 10 question pairs ask the same thing."""
+    staff_verbatim_min_score: float = 0.6
+    """Similarity from which a staff-approved pair leading the references is given verbatim: there the nearest approved answer is on the asked topic about as often as the best adapter's, and states no invented figure (chosen by benchmarks/retrieval_threshold.py)."""
     concurrency: int = 4
     """Answers generated at once: llama_cpp decodes them together in one batch; transformers on CPU lets them take turns on the model's one thread, on CUDA runs them at once."""
     max_queue: int = 32
@@ -134,6 +136,7 @@ class ServeConfig:
         check(0 <= self.retrieval_k <= 20, "retrieval_k must be between 0 (no references) and 20")
         check(0.0 <= self.retrieval_min_score <= 1.0, "retrieval_min_score must be between 0 and 1")
         check(0.0 <= self.staff_margin <= 1.0, "staff_margin must be between 0 (plain similarity order) and 1")
+        check(0.4 <= self.staff_verbatim_min_score <= 1.0, "staff_verbatim_min_score must be between 0.4 and 1 (set verbatim = false to turn verbatim answers off)")
         check(0.5 <= self.verbatim_min_score <= 1.0, "verbatim_min_score must be between 0.5 and 1 (set verbatim = false to turn it off)")
         check(1 <= self.concurrency <= 64, "concurrency must be between 1 and 64")
         check(0 <= self.max_queue <= 1000, "max_queue must be between 0 and 1000")
@@ -240,7 +243,8 @@ def as_dict(cfg: Any) -> dict[str, Any]:
 
 ANSWER_FIELDS = ("base_model", "quantization", "device", "backend", "system_prompt", "max_new_tokens", "temperature",
                  "top_p", "repetition_penalty", "max_input_chars", "max_history_turns", "retrieval_k",
-                 "retrieval_min_score", "staff_margin", "verbatim", "verbatim_min_score")
+                 "retrieval_min_score", "staff_margin", "verbatim", "verbatim_min_score",
+                 "staff_verbatim_min_score")
 """The ``ServeConfig`` fields that shape an answer; the others set up the web server and the chat page.
 Commands that answer without serving (``ask``, ``eval``) offer only these as options."""
 

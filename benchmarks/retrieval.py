@@ -160,14 +160,18 @@ def _ask_corrections(service, facts: list[dict], local) -> dict:
     from feedback import knowledge
 
     asked, stated, verbatim, misses, added = 0, 0, 0, [], []
+    first, stated_first = 0, 0  # the correction was the first reference; and the answer then stated it
     for fact in facts:
         added.append(knowledge.add(local.get(), fact["question"], fact["answer"]))
         for paraphrase in fact["paraphrases"]:
             stream = service.answer(paraphrase)
             text = "".join(stream)
             asked += 1
+            led = bool(stream.stats.sources) and stream.stats.sources[0].id == added[-1]
+            first += led
             if states(text, fact["fact"]):
                 stated += 1
+                stated_first += led
                 verbatim += stream.stats.verbatim is not None
             else:
                 best = stream.stats.sources[0].score if stream.stats.sources else None
@@ -176,7 +180,8 @@ def _ask_corrections(service, facts: list[dict], local) -> dict:
     for entry in added:
         knowledge.remove(local.get(), entry)
     return {"facts": len(facts), "asked": asked, "stated_the_new_fact": stated, "share": round(stated / asked, 3),
-            "of_which_verbatim": verbatim, "adapter": service.backend.active, "misses": misses}
+            "of_which_verbatim": verbatim, "correction_first": first, "stated_when_first": stated_first,
+            "adapter": service.backend.active, "misses": misses}
 
 
 def main() -> None:
@@ -232,7 +237,8 @@ def main() -> None:
         results.setdefault("corrections", []).append(found)
         print(f"\ncorrections before any retrain, {found['adapter'] or 'base model'} serving: {found['stated_the_new_fact']} of "
               f"{found['asked']} paraphrases ({found['share']:.0%}) of {found['facts']} new facts answered with the new fact, "
-              f"{found['of_which_verbatim']} of them with the approved text itself", flush=True)
+              f"{found['of_which_verbatim']} of them with the approved text itself; the correction was the first "
+              f"reference for {found['correction_first']}, of which {found['stated_when_first']} stated it", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
 

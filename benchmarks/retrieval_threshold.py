@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("TUNELOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
 PACK = REPO / "assistant" / "packs" / "peach_state_bank"
 FACTS = REPO / "benchmarks" / "data" / "new_facts.jsonl"
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
+THRESHOLDS = (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
 
 
 def vectors(texts: list[str]) -> np.ndarray:
@@ -113,6 +113,20 @@ def staff_margin_table(pool: list[tuple[str, str]], pool_vectors: np.ndarray, qu
         right = np.mean([any(r.label == label for r in refs) for refs, (_, label) in zip(pack, queries)])
         print(f"| {'question or answer' if by_answer else 'question'} | {margin:.2f} | {first:.3f} | {top:.3f} "
               f"| {stolen:.3f} | {right:.3f} |")
+
+    # [serve] staff_verbatim_min_score: a staff pair leading the references (as served) from this
+    # similarity is given as it is. Read beside the pool's top-1 label precision above: the share
+    # of verbatim answers on the asked topic if every entry were a staff pair.
+    margin = ServeConfig().staff_margin
+    paraphrased, pack = found(asked_vectors, margin, True), found(query_vectors, margin, True)
+    print(f"\nstaff_verbatim_min_score (margin {margin}, found by question or answer)")
+    print("| bar | paraphrases answered with their correction | pack queries answered with a correction |")
+    print("| --- | --- | --- |")
+    for bar in (0.5, 0.55, 0.6, 0.65, 0.7, 0.75):
+        own = np.mean([bool(refs) and refs[0].id == len(pool) + i and refs[0].score >= bar
+                       for refs, (_, i) in zip(paraphrased, asked)])
+        wrong = np.mean([bool(refs) and refs[0].source == "added" and refs[0].score >= bar for refs in pack])
+        print(f"| {bar:.2f} | {own:.3f} | {wrong:.3f} |")
 
 
 def main() -> None:

@@ -60,8 +60,8 @@ class Reference:
     """Cosine similarity of the entry's question to the asked question; for a staff entry, of its
     question or its answer, whichever is closer (:func:`scores`)."""
     by_answer: bool = False
-    """The score is its answer's: the asked question resembles what the answer says more than the
-    approved question (never answered verbatim, which needs a question that asks the same)."""
+    """The score is its answer's (staff entries only): the asked question resembles what the answer
+    says more than the approved question."""
 
     def to_json(self) -> dict:
         return {"id": self.id, "question": self.question, "score": round(self.score, 4)}
@@ -236,6 +236,10 @@ class KnowledgeIndex:
             return []
         return self._worker.submit(self._search, question, k, min_score).result()
 
+    def has_staff(self) -> bool:
+        """Whether any live entry is a staff pair (serving skips a search that could find none)."""
+        return self._worker.submit(lambda: len(self._current()[2]) > 0).result()
+
     def _search(self, question: str, k: int, min_score: float) -> list[Reference]:
         rows, matrix, answered, answer_matrix = self._current()
         if not rows:
@@ -286,6 +290,10 @@ class MemoryIndex:
         if k <= 0 or not self._rows:
             return [[] for _ in query_vectors]
         return [_nearest(self._rows, self._matrix @ query, None, k, min_score) for query in query_vectors]
+
+    def has_staff(self) -> bool:
+        """Whether any entry is a staff pair (:class:`assistant.chat.ReferenceSource`)."""
+        return any(row[4] in ANSWER_SEARCHED for row in self._rows)
 
     def references(self, question: str, k: int, min_score: float) -> list[Reference]:
         """The ``k`` entries closest to ``question`` (:class:`assistant.chat.ReferenceSource`)."""

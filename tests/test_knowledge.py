@@ -102,7 +102,7 @@ def test_a_correction_is_used_at_once_replaced_by_a_newer_one_and_gone_after_rem
         knowledge.remove(db, 10_000)
 
 
-def test_a_staff_pair_is_found_by_its_answer_too_but_answered_verbatim_only_by_its_question(local, db, staff):
+def test_a_staff_pair_is_found_by_its_answer_too(local, db, staff):
     import_rows(db, rows_for(QUESTIONS, "general"), cfg=ImportConfig(val_fraction=0.0, test_fraction=0.0))
     curate.main(curate.CurateConfig(min_train_examples=1, warn_train_examples=1))
     index = knowledge.KnowledgeIndex(local.get)
@@ -115,15 +115,10 @@ def test_a_staff_pair_is_found_by_its_answer_too_but_answered_verbatim_only_by_i
     assert refs[0].source == "manual" and refs[0].by_answer and refs[0].score > by_question + 0.2
     assert not any(r.by_answer for r in refs if r.source == "dataset")  # found by their question only
 
-    # However close, a match by the answer is never given as it is.
+    # Served: the paraphrase gets the staff answer itself (it leads, above staff_verbatim_min_score).
     service = ChatService(ServeConfig(retrieval_k=3), ScriptedBackend(), references=index)
-    stream = service.answer(answer)
-    "".join(stream)
-    assert stream.stats.sources[0].by_answer and stream.stats.sources[0].score >= ServeConfig().verbatim_min_score
-    assert stream.stats.verbatim is None
-    stream = service.answer(question)  # while the question itself is
-    "".join(stream)
-    assert stream.stats.verbatim == refs[0].id and stream.text == answer
+    stream = service.answer(asked)
+    assert "".join(stream) == answer and stream.stats.verbatim == refs[0].id
 
 
 def test_a_correction_and_its_entry_are_stored_together_or_not_at_all(db, staff, monkeypatch):
@@ -171,6 +166,11 @@ class Fixed:
         self.asked.append((question, k, min_score))
         return [r for r in self.refs if r.score >= min_score][:k]
 
+    def has_staff(self):
+        from assistant.chat import STAFF_SOURCES
+
+        return any(getattr(r, "source", None) in STAFF_SOURCES for r in self.refs)
+
 
 REFS = [Ref(7, "How much is a wire?", "A domestic wire costs $25.", 0.89),  # below verbatim_min_score
         Ref(3, "Wire cut-off time?", "Wires sent before 4 pm ET go out the same day.", 0.74)]
@@ -201,7 +201,8 @@ def test_a_staff_pair_about_as_close_as_the_best_goes_first_and_a_distant_one_do
             Sourced(9, "Fee for a wire abroad?", "An international wire costs $45.", 0.78, "correction"),
             Sourced(8, "Notary?", "Notary is $9 per signature.", 0.70, "added")]
     source = Fixed(refs)
-    service = ChatService(ServeConfig(retrieval_k=3, staff_margin=0.05), ScriptedBackend(), references=source)
+    service = ChatService(ServeConfig(retrieval_k=3, staff_margin=0.05, staff_verbatim_min_score=0.95), ScriptedBackend(),
+                          references=source)  # generated, not verbatim: the prompt is what is checked here
     stream = service.answer("How much to wire money overseas?")
     "".join(stream)
     # The correction (0.78, within 0.05 of the best 0.82) leads, from 4th place; the added pair (0.70)
@@ -216,6 +217,25 @@ def test_a_staff_pair_about_as_close_as_the_best_goes_first_and_a_distant_one_do
     assert [s.id for s in stream.stats.sources] == [1, 2, 3]
     with pytest.raises(ConfigError, match="staff_margin"):
         ServeConfig(staff_margin=-0.1)
+
+
+def test_a_staff_pair_leading_from_its_bar_is_given_verbatim_and_nothing_else_is():
+    def answered(refs, **settings):
+        service = ChatService(ServeConfig(**settings), ScriptedBackend(), references=Fixed(refs))
+        stream = service.answer("How much is notary service?")
+        return "".join(stream), stream.stats.verbatim
+
+    staff = Sourced(9, "Can I get a document notarized?", "Notary is $9 per signature.", 0.62, "correction")
+    dataset = Sourced(1, "Wire fee?", "A wire costs $25.", 0.64)
+    assert answered([dataset, staff]) == ("Notary is $9 per signature.", 9)  # led by the staff pair (margin)
+    text, verbatim = answered([Sourced(1, "Wire fee?", "A wire costs $25.", 0.89), staff])
+    assert verbatim is None and text != "Notary is $9 per signature."  # too far behind the best to lead
+    assert answered([Sourced(9, staff.question, staff.answer, 0.58, "added")])[1] is None  # below the bar
+    assert answered([Sourced(1, "Notary?", "Notary is $9.", 0.75)])[1] is None  # a dataset pair needs 0.9
+    assert answered([dataset, staff], verbatim=False)[1] is None
+    assert answered([staff], staff_verbatim_min_score=0.7)[1] is None
+    with pytest.raises(ConfigError, match="staff_verbatim_min_score"):
+        ServeConfig(staff_verbatim_min_score=0.2)
 
 
 def test_serving_knows_every_staff_source_of_the_index():
@@ -280,6 +300,29 @@ def test_an_adapter_is_served_with_the_retrieval_it_was_trained_with():
 
     adapters.rollback()  # rolled back: the older adapter's settings come back with it
     assert service.retrieval() == (1, 0.8)
+
+
+def test_an_adapter_trained_without_references_still_gives_a_leading_staff_pair_verbatim():
+    fake_adapter("v2-without", {"base_model": "x"})
+    adapters.set_current("v2-without", "test")
+    correction = Sourced(9, "Notary fee?", "Notary is $9 per signature.", 0.7, "correction")
+    backend = ScriptedBackend()
+    source = Fixed([correction, Sourced(1, "Wire fee?", "A wire costs $25.", 0.6)])
+    service = ChatService(ServeConfig(retrieval_k=3, retrieval_min_score=0.4), backend, references=source)
+    stream = service.answer("How much is a notary?")
+    assert "".join(stream) == "Notary is $9 per signature." and stream.stats.verbatim == 9
+    assert [s.id for s in stream.stats.sources] == [9] and source.asked[-1][1:] == (6, 0.4)
+
+    # Nothing staff-approved leads: the adapter answers, with no reference in its prompt.
+    source.refs = [Sourced(1, "Wire fee?", "A wire costs $25.", 0.8), correction]
+    stream = service.answer("How much is a wire?")
+    "".join(stream)
+    assert stream.stats.verbatim is None and stream.stats.sources == []
+    assert REFERENCES_INTRO not in backend.calls[-1][0]["content"]
+    source.refs = [Sourced(1, "Wire fee?", "A wire costs $25.", 0.95)]  # no staff pair at all: no search
+    asked = len(source.asked)
+    "".join(service.answer("How much is a wire?"))
+    assert len(source.asked) == asked
 
 
 def test_the_turn_row_records_the_references_used(db):
@@ -379,9 +422,9 @@ def test_staff_see_the_references_an_answer_was_given(local, db, staff):
 
 
 def test_a_near_certain_match_to_an_approved_question_is_answered_with_the_approved_text(local, db, staff):
-    """At curation's near-duplicate similarity a staff correction reaches the next customer word for
-    word, whatever the model would make of it; the turn row says so. Below it, or for a catalog
-    passage, or with verbatim off, the model answers from its references."""
+    """A near-certain match to a staff correction reaches the next customer word for word, whatever
+    the model would make of it; the turn row says so. Below the bars, or for a catalog passage, or
+    with verbatim off, the model answers from its references."""
     wrong = answered_turn(db, "How much does the coin counter cost?", "It is free.")
     store.record_correction(db, staff, wrong, "The coin counter costs $7.50 per use.", "coins")
     backend = ScriptedBackend()
@@ -397,7 +440,9 @@ def test_a_near_certain_match_to_an_approved_question_is_answered_with_the_appro
     assert json.loads(db["turns"].get(turn_id)["sources"])[0] == {"id": stream.stats.verbatim, "score": round(score, 4), "verbatim": True}
     assert store.review_item(db, turn_id)["references"][0]["verbatim"]
     # A looser paraphrase goes to the model, with the correction among its references.
-    loose = ChatService(ServeConfig(verbatim_min_score=min(1.0, score + 0.01)), backend, references=index).answer(near)
+    above = min(1.0, score + 0.01)
+    loose = ChatService(ServeConfig(verbatim_min_score=above, staff_verbatim_min_score=above), backend,
+                        references=index).answer(near)
     assert "".join(loose).startswith("You asked") and loose.stats.verbatim is None
     assert "$7.50" in backend.calls[-1][0]["content"]
     off = ChatService(ServeConfig(verbatim=False), backend, references=index).answer(near)
@@ -411,8 +456,8 @@ def test_a_near_certain_match_to_an_approved_question_is_answered_with_the_appro
 def test_a_staff_correction_answers_a_paraphrase_in_another_session_before_any_retrain(tuneloop_home):
     """The real model on the default backend, the real app: staff correct an answer with a new fact
     through the app's API; a customer in another session asking it in other words gets the new
-    fact at once, no retrain. A looser paraphrase (similarity 0.74) is answered by the model with
-    the correction among its references."""
+    fact at once, no retrain. A looser paraphrase (similarity 0.74) has the correction among its
+    references too."""
     import app
     from assistant.chat import make_backend
     from assistant.config import load
