@@ -22,6 +22,11 @@ facts (fees, hours, limits the pack does not state) is added as an approved pair
 would; the share of answers stating the new fact, and how many of those were the approved text itself.
 
     .venv/bin/python benchmarks/retrieval.py [--test-per-intent 5] [--home DIR --adapter V ...] [--skip banking77]
+
+A Banking77 adapter: ``--write-banking77-snapshot DIR`` writes part 1's training questions (and one
+other question per intent for validation) as a dataset snapshot; train on it with ``tuneloop train
+--dataset DIR`` and the generic persona (the command is printed), then score it with
+``--home H --banking77-adapter V`` and the same ``--test-per-intent``.
 """
 
 from __future__ import annotations
@@ -62,6 +67,28 @@ def banking77_sets(per_intent_test: int, seed: int = 0) -> tuple[list[dict], lis
             split.extend({"id": f"b77:{label}:{len(split)}", "question": q, "label": label,
                           "answer": f"This is about {label.replace('_', ' ')}."} for q in chosen)
     return train, test
+
+
+def write_banking77_snapshot(folder: Path, per_intent_test: int) -> None:
+    """The Banking77 sample as a dataset snapshot to train an adapter on (``tuneloop train --dataset``):
+    the same 11 training questions per intent as part 1, one other question per intent for
+    validation, and part 1's test questions as its test split (never trained on)."""
+    train, test = banking77_sets(per_intent_test)
+    used = {r["question"] for r in train + test}
+    with open(DATA / "banking77" / "train.csv", newline="", encoding="utf-8") as handle:
+        by_label: dict[str, list[str]] = {}
+        for row in csv.DictReader(handle):
+            if row["text"] not in used:
+                by_label.setdefault(row["category"], []).append(row["text"])
+    rng = random.Random(1)
+    val = [{"id": f"b77:{label}:val", "question": rng.choice(sorted(by_label[label])), "label": label,
+            "answer": f"This is about {label.replace('_', ' ')}."} for label in sorted(by_label)]
+    folder.mkdir(parents=True, exist_ok=False)
+    for split, rows in (("train", train), ("val", val), ("test", test)):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps({**r, "source": "banking77"}) + "\n" for r in rows),
+                                               encoding="utf-8")
+    (folder / "manifest.json").write_text(json.dumps({"version": folder.name, "counts": {
+        "train": len(train), "val": len(val), "test": len(test)}}), encoding="utf-8")
 
 
 def setup_pack_home() -> None:
@@ -189,9 +216,19 @@ def main() -> None:
     parser.add_argument("--test-per-intent", type=int, default=5, help="Banking77 test questions per intent (default 5: 385)")
     parser.add_argument("--home", help="an existing TUNELOOP_HOME set up with the pack (default: a fresh one, as tuneloop init)")
     parser.add_argument("--adapter", action="append", default=[], help="an adapter of --home to score on the pack (repeatable)")
+    parser.add_argument("--banking77-adapter", action="append", default=[],
+                        help="an adapter of --home trained on --write-banking77-snapshot's data, scored on Banking77 (repeatable)")
+    parser.add_argument("--write-banking77-snapshot", metavar="DIR",
+                        help="write the Banking77 sample as a dataset snapshot to DIR for `tuneloop train --dataset DIR` and stop")
     parser.add_argument("--skip", action="append", default=[], choices=("banking77", "pack", "corrections"))
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
+    if args.write_banking77_snapshot:
+        write_banking77_snapshot(Path(args.write_banking77_snapshot), args.test_per_intent)
+        print(f"wrote {args.write_banking77_snapshot}; train on it with the generic persona, e.g. "
+              f"tuneloop train --dataset {args.write_banking77_snapshot} --retrieval-k 3 "
+              "--system-prompt \"$(python -c 'from assistant.config import DEFAULT_SYSTEM_PROMPT as p; print(p)')\"")
+        return
     os.environ["TUNELOOP_HOME"] = args.home or tempfile.mkdtemp(prefix="tuneloop-bench-retrieval-")
     from assistant import paths
 
@@ -217,6 +254,9 @@ def main() -> None:
         generic = dataclasses.replace(pack_serve, system_prompt=DEFAULT_SYSTEM_PROMPT)
         systems = [("base model, no references", None, dataclasses.replace(generic, retrieval_k=0)),
                    (f"base model + {generic.retrieval_k} references", None, generic)]
+        for version in args.banking77_adapter:
+            k, _ = retrieval_for(version, generic)
+            systems.append((f"adapter {version} ({f'{k} references' if k else 'no references'})", version, generic))
         rows = score_rows("banking77", test, systems, runner, evaluation.labeler_for(test))
         print_table(f"Banking77, {len(train)} training questions", len(test_rows), rows)
         results["banking77"] = rows
