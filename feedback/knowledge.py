@@ -39,7 +39,8 @@ from feedback import datasets, dedupe
 SOURCES = ("dataset", "correction", "approval", "manual", "catalog", "added")
 STAFF_SOURCES = ("correction", "approval", "manual")
 ANSWER_SEARCHED = (*STAFF_SOURCES, "added")
-"""Entries found by their answer as well as their question (:func:`scores`)."""
+"""Entries a person approved, found by their answer as well as their question (:func:`scores`);
+serving puts the same ones first (``assistant.chat.STAFF_SOURCES``, kept equal by a test)."""
 DIMENSIONS = 384
 
 

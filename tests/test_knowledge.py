@@ -241,7 +241,7 @@ def test_a_staff_pair_leading_from_its_bar_is_given_verbatim_and_nothing_else_is
 def test_serving_knows_every_staff_source_of_the_index():
     from assistant import chat
 
-    assert set(chat.STAFF_SOURCES) == set(knowledge.SOURCES) - {"dataset", "catalog"}
+    assert set(chat.STAFF_SOURCES) == set(knowledge.SOURCES) - {"dataset", "catalog"} == set(knowledge.ANSWER_SEARCHED)
 
 
 def service_prompt(backend) -> str:
