@@ -197,13 +197,11 @@ def answer_from_reference(references: list[Reference], cfg: ServeConfig) -> Refe
     """The reference whose approved answer is given as it is, without generating; None for none.
 
     The best reference qualifies when its question is a near-certain match (``verbatim_min_score``)
-    and it is an answer (a catalog passage is not); a staff pair
-    leading the references (:func:`staff_first`) qualifies from ``staff_verbatim_min_score``: the
-    models were measured to carry a correction's fact over about 1 time in 10 even with the
-    correction first in the prompt, while at that similarity the nearest approved answer is on the
-    asked topic about as often as the best adapter's (benchmarks/retrieval_threshold.py). A
-    staff correction then reaches a customer word for word. Serving and evaluation both decide with
-    this (evaluation's index holds no staff pairs).
+    and it is an answer (a catalog passage is not); a staff pair leading the references
+    (:func:`staff_first`) qualifies from ``staff_verbatim_min_score``, because the models seldom carry
+    a correction's figure over even with it first in the prompt (docs/results.md, "Grounded
+    answers"). A staff correction then reaches a customer word for word. Serving and evaluation
+    both decide with this (evaluation's index holds no staff pairs).
     """
     if not cfg.verbatim or not references:
         return None
