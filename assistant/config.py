@@ -158,6 +158,11 @@ class ServeConfig:
         return [question.strip() for question in self.examples.split("|") if question.strip()]
 
 
+class Switch(str):
+    """The type of an "auto" / "on" / "off" setting: a config file may also write true or false, and
+    the dataclass's ``__post_init__`` normalises (see ``trainer.config``); the command line takes a value."""
+
+
 def check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)

@@ -19,7 +19,7 @@ from assistant.config import ConfigError, ServeConfig
 from trainer import data
 from trainer.config import DEFAULT_LR, TrainConfig, resolve
 from trainer.loop import KeepBest, fit
-from trainer.model import TrainError, bnb_trap_guard, disable_cpu_inference_repack, effective_precision, load_for_training
+from trainer.model import TrainError, bnb_trap_guard, disable_cpu_inference_repack, effective_precision, for_device, load_for_training
 from trainer.train import main, train_in_subprocess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -279,6 +279,28 @@ def test_training_changes_only_the_adapter(tiny_model_dir, method):
         assert not getattr(state, "packing_format_for_cpu", False)
 
 
+def test_device_defaults_resolve_per_device_and_explicit_settings_win(monkeypatch, tuneloop_home):
+    from assistant import model as base_models
+    from assistant.config import load
+
+    cpu = for_device(TrainConfig(device="cpu"))
+    assert (cpu.share_prefix, cpu.group_by_length) == ("on", "on") and cpu.precision in ("bf16", "fp32")
+    assert for_device(cpu) == cpu  # idempotent: the training process keeps what it was given
+    # On CUDA the CPU's batching tricks are off by default (measured slower there), bf16 where supported.
+    monkeypatch.setattr(base_models, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cuda = for_device(TrainConfig(device="cuda"))
+    assert (cuda.share_prefix, cuda.group_by_length, cuda.precision) == ("off", "off", "bf16")
+    assert for_device(TrainConfig(device="cuda", share_prefix="on")).share_prefix == "on"
+    # A config file's true/false, and the command line's on/off/yes/no, mean the same.
+    tuneloop_home.mkdir(parents=True, exist_ok=True)
+    (tuneloop_home / "config.toml").write_text("[train]\nshare_prefix = false\ngroup_by_length = true\n")
+    loaded = load(TrainConfig, "train", {"group_by_length": "no"})
+    assert (loaded.share_prefix, loaded.group_by_length) == ("off", "off")
+    with pytest.raises(ConfigError, match="share_prefix must be 'auto', 'on' or 'off'"):
+        TrainConfig(share_prefix="sometimes")
+
+
 def test_bf16_precision_computes_in_bf16_and_trains_like_fp32(tiny_model_dir):
     from assistant import model as base_models
 
@@ -467,6 +489,8 @@ def test_trained_adapter_has_provenance_is_accepted_and_served(tiny_model_dir):
     assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(provenance["libraries"])
     assert provenance["train_config"] == json.loads((folder / "train_config.json").read_text())
     assert provenance["train_config"]["lr"] == DEFAULT_LR["qlora"]
+    # The device's batching decisions are recorded as made, not as "auto".
+    assert provenance["train_config"]["share_prefix"] == "on" and provenance["train_config"]["group_by_length"] == "on"
     history = json.loads((folder / "loss_history.json").read_text())
     assert [e["step"] for e in history["train"]] == [1, 2, 3, 4] and history["val"][0]["step"] == 0
     with pytest.raises(adapters.AdapterError, match="built for base model"):

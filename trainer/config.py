@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from assistant.config import ConfigError, ServeConfig, check, load
+from assistant.config import ConfigError, ServeConfig, Switch, check, load
 
 METHODS = ("qlora", "lora", "full")
 # QLoRA measured on SmolLM2-135M-Instruct with 200 banking77 examples (see docs/results.md);
@@ -72,8 +72,8 @@ class TrainConfig:
     """Keep only weights whose general-text perplexity is at most this times the untrained model's (the lowest validation loss if none is); 0 = no limit. It decides what is kept, not when to stop. The nightly job passes the gate's bar."""
     min_train_examples: int = 16
     """Refuse to train on fewer training examples than this."""
-    share_prefix: bool = True
-    """Compute the tokens all examples of a batch start with (the system prompt) once per batch instead of once per example: same loss, fewer tokens."""
+    share_prefix: Switch = "auto"
+    """"on": compute the tokens all examples of a batch start with (the system prompt) once per batch instead of once per example (same loss, fewer tokens); "off"; "auto" = on for CPU training (2.1-2.3x faster steps on the pack), off on CUDA (a second forward per batch made steps 1.7x slower on an H200)."""
     replay: float = 0.1
     """Rows of text sampled from the base model itself, per training example, mixed into training (self-distillation replay against forgetting, see trainer/replay.py and replay_loss); 0 = none."""
     replay_loss: str = "auto"
@@ -92,8 +92,8 @@ class TrainConfig:
     """Share of training prompts whose references are k random unrelated pairs instead, so the model learns to ignore wrong ones (RAFT)."""
     retrieval_missing: float = 0.1
     """Share of training prompts with no references, so the model also answers without them."""
-    group_by_length: bool = True
-    """Batch examples of similar length together (less padding, more real tokens per second)."""
+    group_by_length: Switch = "auto"
+    """"on": batch examples of similar length together (less padding, more real tokens per second on CPU); "off": random batches; "auto" = on for CPU training, off on CUDA (measured 1.9x faster there without it, where padding costs little and the length sort does not)."""
     seed: int = 1234
     """Seed for adapter init, shuffling and dropout: same data and seed give the same adapter on CPU."""
     progress: bool = True
@@ -101,6 +101,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self.method in ("",) + METHODS, f"method must be one of {', '.join(METHODS)} (or empty), not {self.method!r}")
+        for name in DEVICE_DEFAULTS:  # a config file's true/false, or on/off/yes/no/1/0 from a command line
+            setattr(self, name, _on_off(getattr(self, name), name))
         check(self.device in ("auto", "cpu", "cuda"), f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
         check(self.precision in ("auto", "bf16", "fp32"), f"precision must be 'auto', 'bf16' or 'fp32', not {self.precision!r}")
         check(0 < self.epochs <= 100, "epochs must be in (0, 100]")
@@ -137,6 +139,18 @@ class TrainConfig:
 
     def target_list(self) -> list[str]:
         return [name.strip() for name in self.target_modules.split(",") if name.strip()]
+
+
+DEVICE_DEFAULTS = ("share_prefix", "group_by_length")
+"""Fields whose "auto" is decided by the device that trains (:func:`trainer.model.for_device`)."""
+
+
+def _on_off(value, name: str) -> str:
+    text = str(value).strip().lower()
+    aliases = {"true": "on", "1": "on", "yes": "on", "on": "on", "false": "off", "0": "off", "no": "off", "off": "off",
+               "auto": "auto"}
+    check(text in aliases, f"{name} must be 'auto', 'on' or 'off', not {value!r}")
+    return aliases[text]
 
 
 def resolve(cfg: TrainConfig, serve: ServeConfig | None = None) -> TrainConfig:

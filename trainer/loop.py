@@ -21,7 +21,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 from assistant import model as base_models  # noqa: E402
 from trainer import data  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.model import TrainError, bnb_trap_guard, disable_cpu_inference_repack, effective_precision  # noqa: E402
+from trainer.model import TrainError, bnb_trap_guard, disable_cpu_inference_repack, for_device  # noqa: E402
 
 
 @dataclass
@@ -57,6 +57,7 @@ def fit(cfg: TrainConfig, tokenizer, model, train_set: list[dict], val_set: list
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     disable_cpu_inference_repack(model)
+    cfg = for_device(cfg)  # main() did this already; kept for callers that build their own cfg
     keeper, timer = KeepBest(cfg.patience, cfg.max_perplexity_ratio if general else 0.0), StepTimer()
     forgetting = [Forgetting(tokenizer, general)] if general else []
     on_cuda = next(model.parameters()).device.type == "cuda"
@@ -85,8 +86,8 @@ def fit(cfg: TrainConfig, tokenizer, model, train_set: list[dict], val_set: list
             seed=cfg.seed,
             data_seed=cfg.seed,
             use_cpu=not on_cuda,
-            bf16=effective_precision(cfg) == "bf16",  # autocast; master weights and AdamW stay fp32
-            train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+            bf16=cfg.precision == "bf16",  # autocast; master weights and AdamW stay fp32
+            train_sampling_strategy="group_by_length" if cfg.group_by_length == "on" else "random",
             include_num_input_tokens_seen="non_padding",
             remove_unused_columns=False,
             label_names=["labels"],
@@ -94,7 +95,7 @@ def fit(cfg: TrainConfig, tokenizer, model, train_set: list[dict], val_set: list
             ddp_find_unused_parameters=False,
         )
         # Under DDP a second forward before the backward would upset the gradient reducer.
-        share_prefix = cfg.share_prefix and args.world_size == 1
+        share_prefix = cfg.share_prefix == "on" and args.world_size == 1
         trainer = LoopTrainer(
             model=model,
             args=args,

@@ -7,13 +7,14 @@ layers from silently dropping gradients (see "bitsandbytes and fresh processes" 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import warnings
 
 import torch
 
 from assistant import model as base_models
-from trainer.config import TrainConfig
+from trainer.config import DEVICE_DEFAULTS, TrainConfig
 
 # The message PyTorch gives when bitsandbytes' inference-only 4-bit kernel ends up in a backward pass.
 BNB_TRAP = "autograd kernel was not registered"
@@ -30,6 +31,16 @@ def effective_precision(cfg: TrainConfig) -> str:
     device = base_models.resolve_device(cfg.device)
     native = torch.cuda.is_bf16_supported() if device == "cuda" else base_models.cpu_has_native_bf16()
     return "bf16" if native else "fp32"
+
+
+def for_device(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with every device-dependent "auto" decided for the device this run trains on: the
+    precision, and the CPU-made batching tricks (``share_prefix``, ``group_by_length``), which pay on
+    a CPU and cost on CUDA (docs/results.md, "Training on a GPU"). Idempotent; the result is what
+    the adapter's provenance records."""
+    on_cpu = base_models.resolve_device(cfg.device) == "cpu"
+    fill = {name: ("on" if on_cpu else "off") for name in DEVICE_DEFAULTS if getattr(cfg, name) == "auto"}
+    return dataclasses.replace(cfg, precision=effective_precision(cfg), **fill)
 
 
 def load_for_training(info: base_models.BaseModelInfo, cfg: TrainConfig):

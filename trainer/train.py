@@ -29,7 +29,7 @@ from trainer import augment, data, replay
 from trainer.config import TrainConfig, resolve
 from trainer.export import export
 from trainer.loop import fit
-from trainer.model import TrainError, effective_precision, load_for_training
+from trainer.model import TrainError, for_device, load_for_training
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def main(cfg: TrainConfig) -> TrainResult:
     started = time.perf_counter()
     paths.configure_environment()
     cfg = resolve(cfg)
-    cfg = dataclasses.replace(cfg, precision=effective_precision(cfg))  # written beside the adapter as used
+    cfg = for_device(cfg)  # precision and batching decided for this device, written beside the adapter as used
     with progress.stages("tuneloop train", 5) as stages:
         stages.start("reading the dataset snapshot")
         snapshot = data.open_snapshot(cfg.dataset)
