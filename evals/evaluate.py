@@ -3,7 +3,8 @@ few-shot prompt of the base, scored by label F1, answer F1, ROUGE-L, BLEU, laten
 
 Answers are generated the way the server generates them (the serve config's quantization, chat
 template, system prompt, the references serving would put in the prompt, the adapter's topic hints,
-``max_new_tokens`` and ``repetition_penalty``), greedily, in left-padded batches. References come
+``max_new_tokens`` and ``repetition_penalty``), greedily, in left-padded batches, or on CUDA without a
+repetition penalty all at once through transformers' continuous batching (:func:`continuous_batching`). References come
 from an :class:`EvalIndex` of the snapshot's train rows and the catalog, never from a test row. The 4-bit base is loaded once; adapters are attached to it with
 peft and switched, so evaluating base, current and candidate costs one model load.
 
@@ -103,13 +104,18 @@ class Runner(Protocol):
 class ModelRunner:
     """The served model: base loaded once (4-bit as served), adapters attached with peft."""
 
-    def __init__(self, serve: ServeConfig):
+    def __init__(self, serve: ServeConfig, continuous: bool | None = None):
         from assistant import model as base_model
 
         self.serve = serve
         self.base = base_model.prepare(serve.base_model)
         self.tokenizer, self.model = base_model.load_base(self.base, serve.quantization, serve.device)
         self.peft = None
+        # None = where it pays and answers as served: on CUDA, without a repetition penalty.
+        self.continuous = continuous_batching(self.model, serve) if continuous is None else continuous
+        if self.continuous and serve.repetition_penalty != 1.0:
+            raise ValueError("continuous batching drops the repetition penalty; it would not score what is served "
+                             f"(repetition_penalty = {serve.repetition_penalty})")
 
     @contextlib.contextmanager
     def _active(self, adapter: str | None) -> Iterator:
@@ -142,6 +148,8 @@ class ModelRunner:
             # As served: the adapter's topic hints in each system message (assistant.hints).
             conversations = hints.apply(conversations)
         with self._active(adapter) as model, torch.no_grad():
+            if self.continuous:
+                return self._generate_continuous(model, conversations)
             for start in range(0, len(conversations), batch_size):
                 batch = conversations[start : start + batch_size]
                 # The served prompt (same chat template call as TransformersBackend), padded on the
@@ -171,9 +179,50 @@ class ModelRunner:
                     out.append(Generation(text, share, int(mask.sum()), length))
         return out
 
+    def _generate_continuous(self, model, conversations: list[list[dict]]) -> list[Generation]:
+        """Every conversation at once through transformers' continuous batching (``generate_batch``:
+        a paged KV cache, requests joining and leaving the running batch, CUDA graphs on a GPU): the
+        same prompts and greedy tokens as the padded batches, without their padding or their wait for
+        a batch's longest answer. A PEFT adapter applies, as it does in ``generate``."""
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        prompts = [self.tokenizer.apply_chat_template(without_special_tokens(messages, self.tokenizer),
+                                                      add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+                   for messages in conversations]
+        eos = self.tokenizer.eos_token_id
+        settings = GenerationConfig(max_new_tokens=self.serve.max_new_tokens, do_sample=False, eos_token_id=eos,
+                                    pad_token_id=self.tokenizer.pad_token_id)
+        # On CUDA transformers sizes the paged cache from free memory; on a CPU (tests, the benchmark's
+        # tiny mode) a fixed small cache, or it would reserve a share of the machine's RAM.
+        sizing = None if model.device.type == "cuda" else ContinuousBatchingConfig(
+            num_blocks=max(4, len(prompts) * 2), max_batch_tokens=1024)
+        started = time.perf_counter()
+        outputs = model.generate_batch(prompts, generation_config=settings, continuous_batching_config=sizing,
+                                       warmup=model.device.type == "cuda")
+        share = (time.perf_counter() - started) / max(len(prompts), 1)
+        failed = [output.error for output in outputs.values() if output.error]
+        if len(outputs) != len(prompts) or failed:
+            raise RuntimeError(f"continuous batching answered {len(outputs)} of {len(prompts)} questions"
+                               + (f": {failed[0]}" if failed else ""))
+        out = []
+        for prompt, output in zip(prompts, outputs.values()):  # in submission order (generate_batch reorders)
+            new = list(output.generated_tokens)
+            length = new.index(eos) + 1 if eos in new else len(new)
+            out.append(Generation(self.tokenizer.decode(new[:length], skip_special_tokens=True).strip(), share,
+                                  len(prompt), length))
+        return out
+
     def perplexity(self, texts: Sequence[str], adapter: str | None) -> float:
         with self._active(adapter) as model:
             return metrics.perplexity(model, self.tokenizer, texts)
+
+
+def continuous_batching(model, serve: ServeConfig) -> bool:
+    """Whether :class:`ModelRunner` generates through continuous batching: on CUDA, where it pays
+    (the GPU issue measured 992 tokens/s against 10.7 one question at a time), and only without a
+    repetition penalty, which transformers' continuous batching drops (it would score answers
+    customers never get)."""
+    return model.device.type == "cuda" and serve.repetition_penalty == 1.0 and hasattr(model, "generate_batch")
 
 
 class LlamaCppRunner:

@@ -64,6 +64,33 @@ def test_base_and_adapter_share_one_loaded_base(tiny_model_dir, tiny_serve):
     assert runner.perplexity(["The sun rises in the east."], version) != runner.perplexity(["The sun rises in the east."], None)
 
 
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_continuous_batching_gives_the_padded_batches_greedy_answers(tiny_model_dir, quantization):
+    """The CUDA evaluation path (transformers' generate_batch), run on the CPU: the same answers as
+    the padded batches, for the base and with an adapter, and it leaves the padded path unchanged."""
+    from test_assistant import make_adapter
+
+    version = make_adapter(tiny_model_dir, seed=3)
+    serve = ServeConfig(base_model=str(tiny_model_dir), quantization=quantization, device="cpu", max_new_tokens=12,
+                        repetition_penalty=1.0)
+    runner = evaluate.ModelRunner(serve)
+    assert runner.continuous is False  # on a CPU the padded batches stay the default
+    conversations = [[{"role": "system", "content": "You answer for Peach State Bank."}, {"role": "user", "content": q}]
+                     for q in ("What is Peach Checking?", "hi", "Do you offer loans for a used car bought privately?")]
+    padded = {adapter: runner.generate(conversations, adapter, batch_size=3) for adapter in (None, version)}
+    runner.continuous = True
+    continuous = {adapter: runner.generate(conversations, adapter, batch_size=3) for adapter in (None, version)}
+    for adapter in (None, version):
+        assert [(g.text, g.tokens_out, g.prompt_tokens) for g in continuous[adapter]] == \
+            [(g.text, g.tokens_out, g.prompt_tokens) for g in padded[adapter]], adapter
+    assert [g.text for g in continuous[version]] != [g.text for g in continuous[None]]  # the adapter applies
+    runner.continuous = False
+    assert [g.text for g in runner.generate(conversations, None, batch_size=2)] == [g.text for g in padded[None]]
+    # It would score answers nobody is served: continuous batching drops the repetition penalty.
+    with pytest.raises(ValueError, match="repetition penalty"):
+        evaluate.ModelRunner(dataclasses.replace(serve, repetition_penalty=1.1), continuous=True)
+
+
 def test_eval_json_keys_on_the_tiny_model(tiny_model_dir, capsys):
     from tuneloop import cli
 
