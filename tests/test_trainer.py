@@ -19,7 +19,8 @@ from assistant.config import ConfigError, ServeConfig
 from trainer import data
 from trainer.config import DEFAULT_LR, TrainConfig, resolve
 from trainer.loop import KeepBest, fit
-from trainer.model import TrainError, bnb_trap_guard, disable_cpu_inference_repack, effective_precision, for_device, load_for_training
+from trainer.model import (TrainError, bnb_trap_guard, disable_cpu_inference_repack, effective_precision, for_device,
+                           load_for_training, prepare_for_training)
 from trainer.train import main, train_in_subprocess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -299,6 +300,20 @@ def test_device_defaults_resolve_per_device_and_explicit_settings_win(monkeypatc
     assert (loaded.share_prefix, loaded.group_by_length) == ("off", "off")
     with pytest.raises(ConfigError, match="share_prefix must be 'auto', 'on' or 'off'"):
         TrainConfig(share_prefix="sometimes")
+
+
+@pytest.mark.parametrize("method, precision, base_dtype", [("lora", "bf16", torch.bfloat16), ("lora", "fp32", torch.float32),
+                                                           ("full", "bf16", torch.float32)])
+def test_a_bf16_loaded_base_stays_bf16_under_lora_with_fp32_adapter_weights(tiny_model_dir, method, precision, base_dtype):
+    """How CUDA loads an unquantized base (bf16), on the CPU: LoRA under bf16 autocast keeps the
+    frozen base in bf16; what is trained is fp32 (the adapter, or every weight of a full fine-tune)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
+    cfg = tiny_cfg(tiny_model_dir, method=method, precision=precision)
+    model = prepare_for_training(model, cfg, "tiny")
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} <= {base_dtype}
 
 
 def test_bf16_precision_computes_in_bf16_and_trains_like_fp32(tiny_model_dir):

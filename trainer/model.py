@@ -45,25 +45,35 @@ def for_device(cfg: TrainConfig) -> TrainConfig:
 
 def load_for_training(info: base_models.BaseModelInfo, cfg: TrainConfig):
     """A freshly loaded base, prepared for ``cfg.method``: LoRA-wrapped, or fully trainable."""
-    from transformers import set_seed
 
     tokenizer, model = base_models.load_base(info, "nf4" if cfg.method == "qlora" else "none", cfg.device,
                                              bf16_compute=effective_precision(cfg) == "bf16")
+    return tokenizer, prepare_for_training(model, cfg, info.model_id)
+
+
+def prepare_for_training(model, cfg: TrainConfig, model_id: str):
+    """A loaded base made ready for ``cfg.method``: LoRA-wrapped (recording ``model_id`` as its
+    base) or fully trainable. :func:`load_for_training` calls it; ``benchmarks/gpu.py`` calls it on
+    random weights of a model's shape."""
+    from transformers import set_seed
+
     if cfg.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
         disable_cpu_inference_repack(model)
         # Gradient checkpointing would trade time for memory a 135M model does not need.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    elif model.device.type == "cuda":
-        # fp32 master weights, bf16 autocast (TrainingArguments.bf16): pure-bf16 AdamW loses small updates.
+    elif cfg.method == "full" or effective_precision(cfg) != "bf16":
+        # Trained weights in fp32 (pure-bf16 AdamW loses small updates), as is a computation asked in fp32.
         model = model.float()
+    # LoRA under bf16 autocast keeps its frozen base as loaded (bf16 on CUDA: half the memory, and
+    # no cast of every base weight at every step); PEFT makes the adapter's own weights fp32.
     model.config.use_cache = False
     set_seed(cfg.seed)  # the LoRA A matrices are drawn now; same seed, same start
     if cfg.method == "full":
         for parameter in model.parameters():
             parameter.requires_grad_(True)
-        return tokenizer, model
+        return model
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
@@ -76,8 +86,8 @@ def load_for_training(info: base_models.BaseModelInfo, cfg: TrainConfig):
     )
     model = get_peft_model(model, lora)
     # adapters.validate and the server compare against the configured id, not a cache path.
-    model.peft_config["default"].base_model_name_or_path = info.model_id
-    return tokenizer, model
+    model.peft_config["default"].base_model_name_or_path = model_id
+    return model
 
 
 def disable_cpu_inference_repack(model) -> None:
