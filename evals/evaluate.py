@@ -37,7 +37,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from assistant import adapters, paths, progress
-from assistant.chat import answer_from_reference, build_messages, resolve_backend, retrieval_for, with_references, without_special_tokens
+from assistant.chat import (answer_from_reference, build_messages, penalty_arguments, resolve_backend, retrieval_for, with_references,
+                            without_special_tokens)
 from assistant.config import ServeConfig, check
 from evals import metrics
 from evals.labeler import AnswerLabeler
@@ -166,7 +167,7 @@ class ModelRunner:
                     temperature=None,
                     top_p=None,
                     top_k=None,
-                    repetition_penalty=self.serve.repetition_penalty,
+                    **penalty_arguments(self.serve, inputs["input_ids"].shape[1]),
                     pad_token_id=self.tokenizer.pad_token_id,
                 )
                 share = (time.perf_counter() - started) / len(batch)

@@ -80,6 +80,26 @@ def test_greedy_answers_match_transformers_on_the_base(both):
         assert stats_llama.adapter is None and stats_llama.first_token_s is not None
 
 
+def test_a_penalty_on_the_answer_only_is_the_same_on_both_backends_and_in_batched_evaluation(tiny_model_dir):
+    """``penalize_prompt = false``: the repetition penalty counts the answer's tokens, not the
+    persona's or the question's, on transformers (its processor skipping the prompt), on llama.cpp,
+    and in the evaluation's left-padded batches."""
+    from evals import evaluate
+
+    answers = {}
+    for scope in (True, False):
+        overrides = dict(repetition_penalty=2.0, penalize_prompt=scope, max_new_tokens=16)
+        hf = TransformersBackend(cfg_for(tiny_model_dir, "transformers", **overrides))
+        llama = LlamaCppBackend(cfg_for(tiny_model_dir, "llama_cpp", **overrides))
+        answers[scope] = [answer(hf, q)[0] for q in QUESTIONS]
+        assert [answer(llama, q)[0] for q in QUESTIONS] == answers[scope], scope
+        runner = evaluate.ModelRunner(cfg_for(tiny_model_dir, "transformers", **overrides))
+        conversations = [build_messages(hf.cfg.system_prompt, [], q) for q in QUESTIONS]
+        assert [g.text for g in runner.generate(conversations, None, batch_size=len(QUESTIONS))] == \
+            [a.strip() for a in answers[scope]], scope
+    assert answers[True] != answers[False]  # the scope changes answers: the prompt's tokens were penalized
+
+
 def test_stops_at_max_new_tokens_and_at_end_of_sequence(tiny_model_dir):
     llama = LlamaCppBackend(cfg_for(tiny_model_dir, "llama_cpp", max_new_tokens=5))
     text, _, stats = answer(llama, QUESTIONS[0])
