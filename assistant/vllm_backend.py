@@ -70,6 +70,11 @@ class VllmBackend:
     name = "vllm"
 
     def __init__(self, cfg: ServeConfig):
+        if cfg.repetition_penalty != 1.0 and not cfg.penalize_prompt:
+            raise ConfigError(
+                "vLLM's repetition penalty counts the prompt's tokens too, so it cannot serve penalize_prompt = false; "
+                "set [serve] penalize_prompt = true (evaluation then counts them too) or repetition_penalty = 1.0"
+            )
         try:
             from vllm import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM

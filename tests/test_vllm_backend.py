@@ -23,6 +23,12 @@ def test_vllm_is_a_gpu_backend_chosen_by_config():
     assert engine_args(ServeConfig(backend="vllm", quantization="none"), "/m", 64)["quantization"] is None
 
 
+def test_a_penalty_on_the_answer_only_is_refused_with_what_to_set_instead(tiny_model_dir):
+    with pytest.raises(ConfigError, match="penalize_prompt = true"):
+        make_backend(ServeConfig(backend="vllm", base_model=str(tiny_model_dir), repetition_penalty=1.1,
+                                 penalize_prompt=False))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_without_vllm_the_error_says_what_to_install(tiny_model_dir):
     with pytest.raises(ConfigError, match="pip install vllm"):
@@ -44,7 +50,8 @@ def test_vllm_serves_and_hot_swaps_on_a_gpu(tiny_model_dir):
         pytest.skip("needs CUDA")
     from test_llama_backend import QUESTIONS, make_lora
 
-    cfg = ServeConfig(backend="vllm", base_model=str(tiny_model_dir), quantization="none", max_new_tokens=12)
+    cfg = ServeConfig(backend="vllm", base_model=str(tiny_model_dir), quantization="none", max_new_tokens=12,
+                      penalize_prompt=True)
     backend = make_backend(cfg)
     service = ChatService(cfg, backend)
     base_answer = "".join(service.answer(QUESTIONS[0]))
