@@ -64,17 +64,21 @@ def engine_args(cfg: ServeConfig, base_path: str, max_lora_rank: int) -> dict:
     }
 
 
+def check_penalty(cfg: ServeConfig) -> None:
+    """vLLM's repetition penalty always counts the prompt's tokens: refuse a config that asks otherwise."""
+    if cfg.repetition_penalty != 1.0 and not cfg.penalize_prompt:
+        raise ConfigError(
+            "vLLM's repetition penalty counts the prompt's tokens too, so it cannot serve penalize_prompt = false; "
+            "set [serve] penalize_prompt = true (evaluation then counts them too) or repetition_penalty = 1.0"
+        )
+
+
 class VllmBackend:
     """The base on vLLM plus the current adapter as a ``LoRARequest``, streamed."""
 
     name = "vllm"
 
     def __init__(self, cfg: ServeConfig):
-        if cfg.repetition_penalty != 1.0 and not cfg.penalize_prompt:
-            raise ConfigError(
-                "vLLM's repetition penalty counts the prompt's tokens too, so it cannot serve penalize_prompt = false; "
-                "set [serve] penalize_prompt = true (evaluation then counts them too) or repetition_penalty = 1.0"
-            )
         try:
             from vllm import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
@@ -82,6 +86,7 @@ class VllmBackend:
             raise ConfigError(
                 "backend 'vllm' needs vLLM and a CUDA GPU (pip install vllm); on a CPU use backend 'llama_cpp'"
             ) from exc
+        check_penalty(cfg)
         from transformers import AutoTokenizer
 
         from assistant import model as base_model

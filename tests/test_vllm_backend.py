@@ -10,7 +10,7 @@ import pytest
 from assistant import adapters
 from assistant.chat import ChatService, make_backend
 from assistant.config import ConfigError, ServeConfig
-from assistant.vllm_backend import LoraRequests, engine_args
+from assistant.vllm_backend import LoraRequests, check_penalty, engine_args
 
 
 def test_vllm_is_a_gpu_backend_chosen_by_config():
@@ -23,10 +23,11 @@ def test_vllm_is_a_gpu_backend_chosen_by_config():
     assert engine_args(ServeConfig(backend="vllm", quantization="none"), "/m", 64)["quantization"] is None
 
 
-def test_a_penalty_on_the_answer_only_is_refused_with_what_to_set_instead(tiny_model_dir):
+def test_a_penalty_on_the_answer_only_is_refused_with_what_to_set_instead():
     with pytest.raises(ConfigError, match="penalize_prompt = true"):
-        make_backend(ServeConfig(backend="vllm", base_model=str(tiny_model_dir), repetition_penalty=1.1,
-                                 penalize_prompt=False))
+        check_penalty(ServeConfig(backend="vllm", repetition_penalty=1.1, penalize_prompt=False))
+    check_penalty(ServeConfig(backend="vllm", repetition_penalty=1.1, penalize_prompt=True))
+    check_penalty(ServeConfig(backend="vllm", repetition_penalty=1.0, penalize_prompt=False))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
