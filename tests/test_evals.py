@@ -64,7 +64,7 @@ def test_base_and_adapter_share_one_loaded_base(tiny_model_dir, tiny_serve):
     assert runner.perplexity(["The sun rises in the east."], version) != runner.perplexity(["The sun rises in the east."], None)
 
 
-@pytest.mark.parametrize("quantization", ["none", "nf4"])
+@pytest.mark.parametrize("quantization", ["none", pytest.param("nf4", marks=pytest.mark.slow)])
 def test_continuous_batching_gives_the_padded_batches_greedy_answers(tiny_model_dir, quantization):
     """The CUDA evaluation path (transformers' generate_batch), run on the CPU: the same answers as
     the padded batches, for the base and with an adapter, and it leaves the padded path unchanged."""
