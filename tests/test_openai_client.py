@@ -133,10 +133,11 @@ def chat_and_api_answers(cfg: ServeConfig, question: str) -> tuple[str, str]:
 
 def test_the_api_and_the_customer_chat_give_the_same_greedy_answer(tiny_model_dir, tuneloop_home):
     # A real model, the tiny random Llama on transformers, with greedy decoding (temperature 0, the
-    # default). The strongest repetition penalty: random weights otherwise repeat one token (a newline)
-    # whatever the prompt, and two answers of blank lines would match without proving anything.
+    # default). The strongest repetition penalty, on the prompt too: random weights otherwise repeat
+    # one token (a newline) whatever the prompt, and two answers of blank lines would match without
+    # proving anything.
     cfg = ServeConfig(base_model=str(tiny_model_dir), backend="transformers", quantization="none", device="cpu",
-                      max_new_tokens=12, repetition_penalty=2.0)
+                      max_new_tokens=12, repetition_penalty=2.0, penalize_prompt=True)
     assert cfg.temperature == 0.0
     chat_answer, api_answer = chat_and_api_answers(cfg, "How do I order a new debit card?")
     assert len(set(api_answer.split())) > 1 or len(set(api_answer)) > 3, repr(api_answer)
