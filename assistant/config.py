@@ -69,7 +69,7 @@ class ServeConfig:
     repetition_penalty: float = 1.1
     """Penalty for repeating tokens; small models loop without it."""
     penalize_prompt: bool = False
-    """Whether the repetition penalty also counts the prompt's tokens (the persona, the references, the question) or, off, only the answer's: off raised label F1 by 0.036-0.097 and answer F1 by 0.06-0.09 on the pack without a looping answer (docs/results.md, "The repetition penalty's scope")."""
+    """Whether the repetition penalty also counts the prompt's tokens (the persona, the references, the question) or only the answer's; off lets an answer repeat the product names and figures its prompt gives it."""
     max_input_chars: int = 2000
     """Longest customer message accepted; longer ones get a clear refusal."""
     max_history_turns: int = 3

@@ -220,9 +220,8 @@ class ModelRunner:
 
 def continuous_batching(model, serve: ServeConfig) -> bool:
     """Whether :class:`ModelRunner` generates through continuous batching: on CUDA, where it pays
-    (the GPU issue measured 992 tokens/s against 10.7 one question at a time), and only without a
-    repetition penalty, which transformers' continuous batching drops (it would score answers
-    customers never get)."""
+    (docs/results.md, "Training on a GPU"), and only without a repetition penalty, which
+    transformers' continuous batching drops (it would score answers customers never get)."""
     return model.device.type == "cuda" and serve.repetition_penalty == 1.0 and hasattr(model, "generate_batch")
 
 

@@ -73,7 +73,7 @@ class TrainConfig:
     min_train_examples: int = 16
     """Refuse to train on fewer training examples than this."""
     share_prefix: Switch = "auto"
-    """"on": compute the tokens all examples of a batch start with (the system prompt) once per batch instead of once per example (same loss, fewer tokens); "off"; "auto" = on for CPU training (2.1-2.3x faster steps on the pack), off on CUDA (a second forward per batch made steps 1.7x slower on an H200)."""
+    """"on": compute the tokens all examples of a batch start with (the system prompt) once per batch instead of once per example (same loss, fewer tokens); "off"; "auto" = on for CPU training, where it pays, off on CUDA, where its extra forward costs more than it saves."""
     replay: float = 0.1
     """Rows of text sampled from the base model itself, per training example, mixed into training (self-distillation replay against forgetting, see trainer/replay.py and replay_loss); 0 = none."""
     replay_loss: str = "auto"
@@ -93,7 +93,7 @@ class TrainConfig:
     retrieval_missing: float = 0.1
     """Share of training prompts with no references, so the model also answers without them."""
     group_by_length: Switch = "auto"
-    """"on": batch examples of similar length together (less padding, more real tokens per second on CPU); "off": random batches; "auto" = on for CPU training, off on CUDA (measured 1.9x faster there without it, where padding costs little and the length sort does not)."""
+    """"on": batch examples of similar length together (less padding); "off": random batches; "auto" = on for CPU training, off on CUDA, where padding costs little and length-sorted batches trained slower."""
     seed: int = 1234
     """Seed for adapter init, shuffling and dropout: same data and seed give the same adapter on CPU."""
     progress: bool = True
